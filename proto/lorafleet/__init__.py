@@ -1,0 +1,1 @@
+"""lorafleet: one base LLM, thousands of LoRA adapters, tensor-parallel workers."""

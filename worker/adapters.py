@@ -1,0 +1,181 @@
+"""Reads PEFT LoRA adapters and refuses, with a message, anything lorafleet cannot serve exactly."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+
+# The seven Llama projections, in the order they are packed into pages.
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MODULE = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight$")
+_LAYER_TARGET = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<target>\w+)$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served. The message names the adapter and the reason."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"adapter {name!r}: {reason}")
+        self.adapter, self.reason = name, reason
+
+
+def target_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
+    """(out_features, in_features) of a base projection."""
+    h, q, kv, i = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return {
+        "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+        "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
+    }[target]
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's full (unsharded) weights, float32 on the CPU.
+
+    ranks[target]: the rank of that target (the largest over layers; smaller layers are zero-padded).
+    scales[target]: alpha / r, or alpha / sqrt(r) for rsLoRA.
+    weights[(layer, target)] = (A (r, in), B (out, r)); a layer without the target has no entry.
+    """
+
+    name: str
+    ranks: dict[str, int]
+    scales: dict[str, float]
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def rank(self) -> int:
+        return max(self.ranks.values())
+
+
+def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -> LoraWeights:
+    """Reads and checks a PEFT folder. Raises AdapterError; never unpickles anything."""
+    path = Path(path)
+    config = _read_config(name, path)
+    tensors = _read_tensors(name, path)
+    pairs = _pair_tensors(name, tensors, cfg)
+    ranks: dict[str, int] = {}
+    scales: dict[str, float] = {}
+    weights = {}
+    for (layer, target), (a, b) in sorted(pairs.items()):
+        r = _check_pair(name, layer, target, a, b, cfg, max_rank)
+        scale = _scale(config, f"model.layers.{layer}.{_MODULE[target]}.{target}", r)
+        if target in scales and scales[target] != scale:
+            raise AdapterError(name, f"{target} has different scales in different layers; per-layer rank_pattern/alpha_pattern is not supported")
+        scales[target] = scale
+        ranks[target] = max(ranks.get(target, 0), r)
+        weights[(layer, target)] = (a.float(), b.float())
+    if not weights:
+        raise AdapterError(name, "adapter_model.safetensors holds no LoRA weights")
+    # Zero-padding a smaller rank keeps the product exact but changes alpha/r: refuse mixed ranks per target.
+    for (layer, target), (a, _) in weights.items():
+        if a.shape[0] != ranks[target]:
+            raise AdapterError(name, f"{target} has rank {a.shape[0]} in layer {layer} but {ranks[target]} elsewhere; per-layer ranks are not supported")
+    return LoraWeights(name, ranks, scales, weights)
+
+
+def _read_config(name: str, path: Path) -> dict:
+    if not path.is_dir():
+        raise AdapterError(name, f"{path} is not a folder")
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise AdapterError(name, f"{path} has no adapter_config.json; expected a PEFT LoRA folder")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(name, f"adapter_config.json is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise AdapterError(name, "adapter_config.json is not a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(name, f"peft_type {peft_type} is not supported; only LORA adapters are served")
+    if config.get("use_dora"):
+        raise AdapterError(name, "DoRA (use_dora=true) is not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError(name, f"modules_to_save {config['modules_to_save']} is not supported: it replaces base weights, which all adapters share")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(name, f"bias={config['bias']!r} is not supported (only 'none')")
+    if config.get("fan_in_fan_out"):
+        raise AdapterError(name, "fan_in_fan_out=true is not supported for Llama-family models")
+    for key in ("lora_alpha", "r"):
+        if key in config and not isinstance(config[key], (int, float)):
+            raise AdapterError(name, f"{key} must be a number, got {config[key]!r}")
+    return config
+
+
+def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
+    st = path / "adapter_model.safetensors"
+    if not st.is_file():
+        pickled = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        if pickled:
+            raise AdapterError(name, f"{pickled[0]} is pickled; lorafleet never unpickles weights. Re-save it with safetensors (save_pretrained(safe_serialization=True))")
+        raise AdapterError(name, "adapter_model.safetensors is missing")
+    try:
+        with safe_open(st, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise AdapterError(name, f"adapter_model.safetensors cannot be read ({e})") from e
+
+
+def _pair_tensors(name: str, tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict:
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if "lora_embedding" in key or "embed_tokens" in key:
+            raise AdapterError(name, "embedding (embed_tokens) targets are not supported")
+        m = _KEY.match(key)
+        if not m:
+            raise AdapterError(name, f"tensor {key!r} is not a LoRA A/B weight (modules_to_save or bias weights are not supported)")
+        module = m["module"]
+        if module.endswith("lm_head"):
+            raise AdapterError(name, "lm_head targets are not supported")
+        lt = _LAYER_TARGET.match(module)
+        if not lt or lt["target"] not in TARGETS or _MODULE[lt["target"]] != lt["block"]:
+            raise AdapterError(name, f"target module {module!r} is not one of the Llama projections {', '.join(TARGETS)}")
+        layer = int(lt["layer"])
+        if layer >= cfg.num_layers:
+            raise AdapterError(name, f"{module}: the base model has only {cfg.num_layers} layers")
+        pairs.setdefault((layer, lt["target"]), {})[m["ab"]] = t
+    for (layer, target), ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(name, f"layer {layer} {target} has lora_{''.join(ab)} but not both A and B")
+    return {k: (v["A"], v["B"]) for k, v in pairs.items()}
+
+
+def _check_pair(name, layer, target, a, b, cfg: ModelConfig, max_rank: int) -> int:
+    out_f, in_f = target_shape(cfg, target)
+    where = f"layer {layer} {target}"
+    if a.dim() != 2 or b.dim() != 2:
+        raise AdapterError(name, f"{where}: LoRA weights must be 2-D matrices")
+    r = a.shape[0]
+    if r < 1 or r > max_rank:
+        raise AdapterError(name, f"rank {r} is above the server's maximum of {max_rank} (--max-lora-rank)")
+    if a.shape != (r, in_f) or b.shape != (out_f, r):
+        raise AdapterError(name, f"{where}: shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not match the base model (expected A ({r}, {in_f}), B ({out_f}, {r})); was it trained for another model?")
+    if not a.is_floating_point() or not b.is_floating_point():
+        raise AdapterError(name, f"{where}: weights must be floating point, got {a.dtype}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterError(name, f"{where}: weights contain NaN or Inf")
+    return r
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def _scale(config: dict, module: str, r: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    if config.get("use_rslora"):
+        return alpha / r ** 0.5
+    return alpha / r

@@ -1,0 +1,72 @@
+"""Turns a Step into the tensors of one forward pass (built once, shared by every layer)."""
+from __future__ import annotations
+
+import torch
+
+from ..kernels.attention import AttentionBatch
+from ..kernels.lora import LoraBatch, LoraGroup
+from .lora import GROUPS, AdapterLayout, shard_dims
+from .config import ModelConfig
+from .loader import Shard
+from .model import ForwardBatch
+from .step import SeqWork
+
+
+def forward_batch(seqs: list[SeqWork], page_tables: dict[int, list[int]], adapter_pages: dict[str, list[int]],
+                  layouts: dict[str, AdapterLayout], cfg: ModelConfig, shard: Shard, device) -> ForwardBatch:
+    """page_tables[seq_id] already includes this step's new pages."""
+    ids, positions, slots = [], [], []
+    query_start, context_lens = [0], []
+    for w in seqs:
+        ids += w.token_ids
+        positions += range(w.start, w.start + len(w.token_ids))
+        slots += w.new_pages
+        query_start.append(len(ids))
+        context_lens.append(w.start + len(w.token_ids))
+    width = max(context_lens)
+    table = [page_tables[w.seq_id] + [0] * (width - len(page_tables[w.seq_id])) for w in seqs]
+    decode = [i for i, w in enumerate(seqs) if len(w.token_ids) == 1]
+    as_long = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    attention = AttentionBatch(
+        query_start=as_long(query_start), context_lens=as_long(context_lens), page_table=as_long(table),
+        slots=as_long(slots), decode_rows=as_long(decode),
+        prefill_rows=[i for i, w in enumerate(seqs) if len(w.token_ids) != 1],
+        query_start_list=query_start, context_lens_list=context_lens,
+    )
+    return ForwardBatch(
+        input_ids=as_long(ids), positions=as_long(positions), attention=attention,
+        lora=lora_batch(seqs, adapter_pages, layouts, cfg, shard, device),
+        logits_rows=as_long([e - 1 for e in query_start[1:]]),
+    )
+
+
+def lora_batch(seqs: list[SeqWork], adapter_pages: dict[str, list[int]], layouts: dict[str, AdapterLayout],
+               cfg: ModelConfig, shard: Shard, device) -> LoraBatch | None:
+    index: dict[str, int] = {}
+    token_adapter: list[int] = []
+    for w in seqs:
+        if w.adapter is not None:
+            index.setdefault(w.adapter, len(index))
+        token_adapter += [index[w.adapter] if w.adapter is not None else -1] * len(w.token_ids)
+    names = list(index)
+    if not names:
+        return None
+    width = max(len(adapter_pages[n]) for n in names)
+    table = [adapter_pages[n] + [0] * (width - len(adapter_pages[n])) for n in names]
+    groups = {}
+    for group, targets in GROUPS.items():
+        rows = [[layouts[n].slots.get(t) for t in targets] for n in names]
+        if not any(s for row in rows for s in row):
+            continue
+        dims = [shard_dims(cfg, t, shard) for t in targets]
+        groups[group] = LoraGroup(
+            in_dim=dims[0][1],
+            out_dims=tuple(d[0] for d in dims),
+            a_offset=torch.tensor([[s.a_offset if s else -1 for s in row] for row in rows], dtype=torch.int64, device=device),
+            b_offset=torch.tensor([[s.b_offset if s else -1 for s in row] for row in rows], dtype=torch.int64, device=device),
+            rank=torch.tensor([[s.rank if s else 0 for s in row] for row in rows], dtype=torch.int64, device=device),
+            scale=torch.tensor([[s.scale if s else 0.0 for s in row] for row in rows], dtype=torch.float32, device=device),
+            max_rank=max(s.rank for row in rows for s in row if s),
+        )
+    return LoraBatch(torch.tensor(token_adapter, dtype=torch.int64, device=device),
+                     torch.tensor(table, dtype=torch.int64, device=device), groups)

@@ -1,0 +1,123 @@
+"""LoRA in the tensor-parallel model: how an adapter is packed into pages, and the
+two ways a LoRA delta joins a sharded projection (DESIGN.md, the TP table).
+
+Packing: for each layer, one flat vector per rank, group by group
+    [A_q A_k A_v | B_q B_k B_v] [A_o | B_o] [A_gate A_up | B_gate B_up] [A_down | B_down]
+(targets the adapter lacks are left out), padded to whole pages. The layout is the
+same in every layer, so one page list serves them all.
+
+Sharding, for a group of N ranks:
+- column-parallel targets (q, k, v, gate, up): A split on r (r padded to a multiple of N,
+  the zero rows are exact), B split on out. The shrink outputs are all-gathered.
+- row-parallel targets (o, down): A split on in, B split on out. The partial shrink is
+  all-reduced, and B's rows land in this rank's columns of the base partial sum, which
+  the base all-reduce then carries: no extra collective for the output.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.lora import LoraBatch, lora_expand, lora_shrink
+from .adapters import TARGETS, LoraWeights, target_shape
+from .comm import Comm
+from .config import ModelConfig
+from .loader import Shard
+
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TargetSlot:
+    rank: int  # rows of this rank's A shard (columns of B)
+    a_offset: int
+    b_offset: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """Where each target of an adapter sits in this rank's flat per-layer vector."""
+
+    slots: dict[str, TargetSlot]
+    length: int  # elements of the flat vector
+    num_pages: int
+
+
+def shard_dims(cfg: ModelConfig, target: str, shard: Shard) -> tuple[int, int]:
+    """(out, in) of this rank's shard of the base projection."""
+    out_f, in_f = target_shape(cfg, target)
+    if target in ROW_PARALLEL:
+        return out_f, in_f // shard.size
+    return out_f // shard.size, in_f
+
+
+def shard_rank(target: str, rank: int, shard: Shard) -> int:
+    """Rows of A this rank holds: column-parallel targets split r (padded to a multiple of N)."""
+    if target in ROW_PARALLEL:
+        return rank
+    return math.ceil(rank / shard.size)
+
+
+def plan_layout(ranks: dict[str, int], scales: dict[str, float], cfg: ModelConfig, shard: Shard, page_dim: int) -> AdapterLayout:
+    slots, pos = {}, 0
+    for targets in GROUPS.values():
+        present = [t for t in targets if t in ranks]
+        a_at = {}
+        for t in present:
+            _, in_f = shard_dims(cfg, t, shard)
+            a_at[t] = pos
+            pos += shard_rank(t, ranks[t], shard) * in_f
+        for t in present:
+            out_f, _ = shard_dims(cfg, t, shard)
+            full_rank = shard_rank(t, ranks[t], shard) * (1 if t in ROW_PARALLEL else shard.size)
+            slots[t] = TargetSlot(shard_rank(t, ranks[t], shard), a_at[t], pos, scales[t])
+            pos += out_f * full_rank
+    return AdapterLayout(slots, pos, max(1, math.ceil(pos / page_dim)))
+
+
+def pack_adapter(lora: LoraWeights, layout: AdapterLayout, cfg: ModelConfig, shard: Shard, page_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """This rank's shard of every layer, ready to copy into pages: (layers, num_pages, page_dim)."""
+    flat = torch.zeros(cfg.num_layers, layout.num_pages * page_dim, dtype=dtype)
+    for (layer, target), (a, b) in lora.weights.items():
+        slot = layout.slots[target]
+        a_part, b_part = _shard_pair(target, a, b, slot.rank, shard)
+        flat[layer, slot.a_offset:slot.a_offset + a_part.numel()] = a_part.reshape(-1).to(dtype)
+        flat[layer, slot.b_offset:slot.b_offset + b_part.numel()] = b_part.reshape(-1).to(dtype)
+    return flat.view(cfg.num_layers, layout.num_pages, page_dim)
+
+
+def _shard_pair(target: str, a: torch.Tensor, b: torch.Tensor, rank_shard: int, shard: Shard):
+    n, i = shard.size, shard.rank
+    if target in ROW_PARALLEL:
+        in_part = a.shape[1] // n
+        out_part = b.shape[0] // n
+        return a[:, i * in_part:(i + 1) * in_part], b[i * out_part:(i + 1) * out_part]
+    padded = rank_shard * n
+    a_pad = torch.cat([a, a.new_zeros(padded - a.shape[0], a.shape[1])])
+    b_pad = torch.cat([b, b.new_zeros(b.shape[0], padded - b.shape[1])], dim=1)
+    out_part = b.shape[0] // n
+    return a_pad[i * rank_shard:(i + 1) * rank_shard], b_pad[i * out_part:(i + 1) * out_part]
+
+
+def add_column_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch | None, group: str, comm: Comm) -> None:
+    """y (T, this rank's fused outputs) += LoRA deltas of a column-parallel group."""
+    if lora is None or group not in lora.groups:
+        return
+    meta = lora.groups[group]
+    s = comm.all_gather_last(lora_shrink(x, pool, lora, meta), kind="lora_all_gather")
+    lora_expand(y, s, pool, lora, meta)
+
+
+def add_row_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch | None, group: str, comm: Comm) -> None:
+    """y (T, out) partial sum += LoRA deltas in this rank's columns of a row-parallel projection."""
+    if lora is None or group not in lora.groups:
+        return
+    meta = lora.groups[group]
+    s = comm.all_reduce(lora_shrink(x, pool, lora, meta), kind="lora_all_reduce")
+    width = meta.out_dims[0]
+    lora_expand(y[:, comm.rank * width:(comm.rank + 1) * width], s, pool, lora, meta)
+

@@ -1,0 +1,146 @@
+"""A Llama-family decoder in plain torch, reading the KV cache from the page pool.
+
+The math is the paper's: RMSNorm, rotary positions, grouped-query attention, a
+SwiGLU MLP. Tensor parallelism shows only as the visible `comm` calls after the
+row-parallel projections; LoRA only as the `lora.add_*` calls beside each fused
+projection. Weights are this rank's shards (Megatron split, see load_model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.attention import AttentionBatch, paged_attention, write_kv
+from ..kernels.lora import LoraBatch
+from .comm import Comm
+from .config import ModelConfig
+from .loader import Checkpoint, Shard
+from .lora import add_column_lora, add_row_lora
+
+
+@dataclass
+class ForwardBatch:
+    """Everything a forward pass needs besides the weights, built once per step.
+
+    input_ids, positions: (T,) int64.
+    attention: page tables and slots of the step's sequences.
+    lora: the step's adapters, or None when no token has one (no LoRA work, no LoRA collective).
+    logits_rows: (S,) int64, the token rows whose next-token logits are wanted.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attention: AttentionBatch
+    lora: LoraBatch | None
+    logits_rows: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, halves layout. x: (T, heads, d); cos, sin: (T, 1, d)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer:
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, index: int, shard: Shard):
+        p = f"model.layers.{index}."
+        h, n = cfg.hidden_size, shard.size
+        self.num_heads, self.num_kv_heads = cfg.num_heads // n, cfg.num_kv_heads // n
+        self.head_dim, self.eps = cfg.head_dim, cfg.rms_norm_eps
+        self.q_size, self.kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
+        self.input_norm = ckpt.get(p + "input_layernorm.weight", (h,))
+        self.post_norm = ckpt.get(p + "post_attention_layernorm.weight", (h,))
+        shapes = {"q": (cfg.q_size, h), "k": (cfg.kv_size, h), "v": (cfg.kv_size, h)}
+        self.w_qkv = torch.cat([ckpt.get(f"{p}self_attn.{t}_proj.weight", shapes[t], shard) for t in "qkv"])
+        self.b_qkv = None
+        if cfg.qkv_bias:
+            self.b_qkv = torch.cat([ckpt.get(f"{p}self_attn.{t}_proj.bias", shapes[t][:1], shard) for t in "qkv"])
+        self.w_o = ckpt.get(p + "self_attn.o_proj.weight", (h, cfg.q_size), shard, dim=1)
+        inter = (cfg.intermediate_size, h)
+        self.w_gate_up = torch.cat([ckpt.get(f"{p}mlp.{t}_proj.weight", inter, shard) for t in ("gate", "up")])
+        self.w_down = ckpt.get(p + "mlp.down_proj.weight", (h, cfg.intermediate_size), shard, dim=1)
+        self.inter = cfg.intermediate_size // n
+
+    def forward(self, h: torch.Tensor, pool: torch.Tensor, batch: ForwardBatch, rope: tuple, comm: Comm) -> torch.Tensor:
+        h = h + self.attention(rms_norm(h, self.input_norm, self.eps), pool, batch, rope, comm)
+        return h + self.mlp(rms_norm(h, self.post_norm, self.eps), pool, batch, comm)
+
+    def attention(self, x, pool, batch: ForwardBatch, rope, comm: Comm) -> torch.Tensor:
+        qkv = F.linear(x, self.w_qkv, self.b_qkv)
+        add_column_lora(qkv, x, pool, batch.lora, "qkv", comm)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rotate(q.unflatten(-1, (self.num_heads, self.head_dim)), *rope)
+        k = rotate(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), *rope)
+        write_kv(pool, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), batch.attention.slots)
+        attn = paged_attention(q, pool, batch.attention, self.num_kv_heads).flatten(1)
+        out = F.linear(attn, self.w_o)  # this rank's partial sum
+        add_row_lora(out, attn, pool, batch.lora, "o", comm)
+        return comm.all_reduce(out)  # sums the base partials and carries the LoRA columns
+
+    def mlp(self, x, pool, batch: ForwardBatch, comm: Comm) -> torch.Tensor:
+        gate_up = F.linear(x, self.w_gate_up)
+        add_column_lora(gate_up, x, pool, batch.lora, "gate_up", comm)
+        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
+        act = F.silu(gate) * up
+        out = F.linear(act, self.w_down)
+        add_row_lora(out, act, pool, batch.lora, "down", comm)
+        return comm.all_reduce(out)
+
+
+class LlamaModel:
+    """The decoder stack with a vocabulary-parallel embedding and head."""
+
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, shard: Shard, comm: Comm):
+        self.cfg, self.shard, self.comm = cfg, shard, comm
+        vocab_shape = (cfg.vocab_size, cfg.hidden_size)
+        self.vocab_lo, self.vocab_hi = shard.bounds(cfg.vocab_size)
+        self.embed = ckpt.get("model.embed_tokens.weight", vocab_shape, shard)
+        if cfg.tie_embeddings or "lm_head.weight" not in ckpt:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = ckpt.get("lm_head.weight", vocab_shape, shard)
+        self.layers = [DecoderLayer(cfg, ckpt, i, shard) for i in range(cfg.num_layers)]
+        self.norm = ckpt.get("model.norm.weight", (cfg.hidden_size,))
+        self.inv_freq = cfg.rope.inv_freq(cfg.head_dim).to(ckpt.device)
+        self.dtype = ckpt.dtype
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pools: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (S, vocab) in float32 for batch.logits_rows. pools: (layers, P, D)."""
+        h = self.embed_tokens(batch.input_ids)
+        rope = self.rope(batch.positions)
+        for layer, pool in zip(self.layers, pools):
+            h = layer.forward(h, pool, batch, rope, self.comm)
+        h = rms_norm(h[batch.logits_rows], self.norm, self.cfg.rms_norm_eps)
+        logits = F.linear(h, self.lm_head)
+        return self.comm.all_gather_last(logits, kind="head_all_gather").float()
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.shard.size == 1:
+            return F.embedding(ids, self.embed)
+        mine = (ids >= self.vocab_lo) & (ids < self.vocab_hi)
+        h = F.embedding((ids - self.vocab_lo).clamp(0, self.vocab_hi - self.vocab_lo - 1), self.embed)
+        h = h * mine.unsqueeze(-1).to(h.dtype)
+        return self.comm.all_reduce(h, kind="embed_all_reduce")
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype).unsqueeze(1), emb.sin().to(self.dtype).unsqueeze(1)
+
+
+def load_model(model_dir, cfg: ModelConfig, dtype: torch.dtype, device="cpu", shard: Shard = Shard(), comm: Comm | None = None) -> LlamaModel:
+    ckpt = Checkpoint(model_dir, dtype, device)
+    try:
+        return LlamaModel(cfg, ckpt, shard, comm or Comm())
+    finally:
+        ckpt.close()
