@@ -1,0 +1,42 @@
+"""The coordinator's configuration: one validated dataclass, passed down."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..worker.config import DTYPES, WorkerConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: str
+    adapters_dir: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    tp: int = 1
+    pool_bytes: int | None = 512 * 2**20
+    host_cache_bytes: int = 2 * 2**30
+    max_lora_rank: int = 256
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_queue: int = 4096
+
+    def __post_init__(self):
+        if not (Path(self.model_dir) / "config.json").is_file():
+            raise ValueError(f"--model {self.model_dir}: not a Hugging Face model folder (no config.json)")
+        if self.adapters_dir is not None and not Path(self.adapters_dir).is_dir():
+            raise ValueError(f"--adapters {self.adapters_dir}: no such folder")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.tp < 1:
+            raise ValueError(f"--tp must be at least 1, got {self.tp}")
+        for name in ("max_lora_rank", "max_num_seqs", "max_batched_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+    def worker_config(self) -> WorkerConfig:
+        return WorkerConfig(
+            model_dir=self.model_dir, dtype=self.dtype, device=self.device, pool_bytes=self.pool_bytes,
+            host_cache_bytes=self.host_cache_bytes, max_lora_rank=self.max_lora_rank,
+        )

@@ -1,0 +1,101 @@
+"""The engine of one replica: schedule -> execute on every rank -> postprocess."""
+from __future__ import annotations
+
+from ..worker.adapters import AdapterError
+from ..worker.step import SamplingParams
+from .adapters import AdapterEntry, AdapterRegistry
+from .config import EngineConfig
+from .executor import LocalExecutor
+from .pages import PagePlan
+from .scheduler import Output, Scheduler, SchedulerConfig
+from .sequence import Request, Sequence
+from .tokenizer import Tokenizer
+
+
+class InvalidRequest(ValueError):
+    """A request with a bad field; the message says which and what is allowed."""
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, executor=None):
+        self.cfg = cfg
+        self.executor = executor or make_executor(cfg)
+        info = self.executor.call_all("info")[0]
+        self.model = info.model
+        max_len = min(cfg.max_model_len or self.model.max_position, self.model.max_position)
+        self.scheduler = Scheduler(
+            SchedulerConfig(cfg.max_num_seqs, cfg.max_batched_tokens, max_len),
+            PagePlan(info.num_pages), eos_ids=self.model.eos_token_ids,
+        )
+        self.registry = AdapterRegistry(cfg.adapters_dir)
+        self.tokenizer = Tokenizer(cfg.model_dir) if Tokenizer.exists(cfg.model_dir) else None
+
+    # ------------------------------------------------------------- adapters
+
+    def ensure_adapter(self, name: str, path: str | None = None) -> AdapterEntry:
+        """Registers an adapter on every rank (read, checked, packed into the host cache) once."""
+        if self.registry.known(name):
+            return self.registry.entries[name]
+        folder = self.registry.resolve(name, path)
+        infos = self.executor.call_all("register_adapter", name, str(folder))
+        entry = self.registry.add(name, folder, infos[0])
+        self.scheduler.adapter_pages[name] = entry.num_pages
+        return entry
+
+    # ------------------------------------------------------------- requests
+
+    def add(self, request: Request) -> Sequence:
+        self.validate(request)
+        if request.adapter is not None:
+            self.ensure_adapter(request.adapter).requests += 1
+        return self.scheduler.add(request)
+
+    def validate(self, r: Request) -> None:
+        vocab = self.model.vocab_size
+        if not r.prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        bad = [t for t in r.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if r.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be at least 1, got {r.max_new_tokens}")
+        bad = [t for t in r.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        check_sampling(r.sampling)
+
+    def abort(self, seq: Sequence, reason: str = "cancelled") -> None:
+        self.scheduler.abort(seq, reason)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Output]:
+        step = self.scheduler.schedule()
+        if not (step.seqs or step.finished or step.load_adapters or step.evicted_adapters):
+            return []
+        tokens = self.executor.call_all("execute", step)[0]
+        return self.scheduler.postprocess(tokens)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def check_sampling(p: SamplingParams) -> None:
+    if not p.temperature >= 0 or p.temperature > 100:
+        raise InvalidRequest(f"temperature must be in [0, 100], got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
+    if p.top_k < 0:
+        raise InvalidRequest(f"top_k must be >= 0 (0 = all tokens), got {p.top_k}")
+    if p.seed is not None and not 0 <= p.seed < 2**63:
+        raise InvalidRequest(f"seed must be in [0, 2^63), got {p.seed}")
+
+
+def make_executor(cfg: EngineConfig):
+    if cfg.tp == 1:
+        return LocalExecutor(cfg.worker_config())
+    raise InvalidRequest(f"--tp {cfg.tp}: tensor parallelism is not supported yet; use --tp 1")
+
+
+__all__ = ["Engine", "InvalidRequest", "AdapterError"]

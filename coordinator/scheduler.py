@@ -1,0 +1,200 @@
+"""Iteration-level continuous batching with page-budget admission and preemption.
+
+Each iteration: `schedule()` gives every running sequence one more page (preempting
+the newest running sequence when the pool is full), admits waiting sequences while
+pages and the token budget allow, and returns the Step. `postprocess()` takes the
+sampled tokens back, and finished sequences free their pages at once. Pure Python:
+no torch, no communication.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..worker.step import SeqWork, Step
+from .pages import PagePlan
+from .sequence import Request, Sequence, Status
+
+
+class RequestTooLarge(ValueError):
+    """A request that could never fit the pool or the model's context."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1 or self.max_batched_tokens < 1 or self.max_model_len < 2:
+            raise ValueError("max_num_seqs and max_batched_tokens must be >= 1, max_model_len >= 2")
+
+
+@dataclass
+class Output:
+    """One sampled token for a sequence; `finished` marks its last one."""
+
+    seq: Sequence
+    token: int
+    finished: bool
+
+
+@dataclass
+class Scheduler:
+    cfg: SchedulerConfig
+    plan: PagePlan
+    eos_ids: tuple[int, ...] = ()
+    adapter_pages: dict[str, int] = field(default_factory=dict)  # registered adapters -> pages they need
+    waiting: deque[Sequence] = field(default_factory=deque)
+    running: list[Sequence] = field(default_factory=list)  # in admission order
+    _finished_ids: list[int] = field(default_factory=list)
+    _evicted: list[str] = field(default_factory=list)
+    _scheduled: list[Sequence] = field(default_factory=list)
+    _next_id: int = 0
+
+    # ------------------------------------------------------------- requests
+
+    def add(self, request: Request) -> Sequence:
+        need = len(request.prompt_ids) + request.max_new_tokens
+        if need > self.cfg.max_model_len:
+            raise RequestTooLarge(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) = {need} "
+                f"exceeds the model's context of {self.cfg.max_model_len} tokens")
+        adapter_need = self.adapter_pages.get(request.adapter, 0) if request.adapter else 0
+        if need + adapter_need > self.plan.num_pages:
+            raise RequestTooLarge(
+                f"the request needs {need} KV pages + {adapter_need} adapter pages, the pool has only "
+                f"{self.plan.num_pages}; lower max_new_tokens or raise --pool-bytes")
+        if len(request.prompt_ids) > self.cfg.max_batched_tokens:
+            raise RequestTooLarge(
+                f"the prompt has {len(request.prompt_ids)} tokens, more than max_batched_tokens "
+                f"({self.cfg.max_batched_tokens}) can run in one step")
+        seq = Sequence(self._next_id, request)
+        self._next_id += 1
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """Stops a sequence now; its pages are free before the next step."""
+        if seq.status == Status.FINISHED:
+            return
+        if seq.status == Status.WAITING:
+            self.waiting.remove(seq)
+            seq.status, seq.finish_reason = Status.FINISHED, reason
+            return
+        self._finish(seq, reason)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._finished_ids or self._evicted)
+
+    # ------------------------------------------------------------- one iteration
+
+    def schedule(self) -> Step:
+        step = Step()
+        scheduled: list[tuple[Sequence, SeqWork]] = []
+        for seq in list(self.running):
+            if seq.status != Status.RUNNING:
+                continue  # preempted earlier in this loop
+            page = self._page_for_decode(seq)
+            if page is None:
+                continue  # seq itself was preempted
+            scheduled.append((seq, SeqWork(seq.seq_id, [seq.tokens[-1]], seq.total_len - 1, [page], seq.adapter)))
+        budget = self.cfg.max_batched_tokens - len(scheduled)
+        while self.waiting and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            work = self._admit(seq, budget, step)
+            if work is None:
+                break
+            self.waiting.popleft()
+            budget -= len(work.token_ids)
+            scheduled.append((seq, work))
+        scheduled.sort(key=lambda sw: (sw[0].adapter or "", sw[0].seq_id))  # one run of tokens per adapter
+        self._scheduled = [s for s, _ in scheduled]
+        step.seqs = [w for _, w in scheduled]
+        # finished before or preempted during this schedule: the worker forgets them before running
+        step.finished, step.evicted_adapters = self._finished_ids, self._evicted
+        self._finished_ids, self._evicted = [], []
+        return step
+
+    def _page_for_decode(self, seq: Sequence) -> int | None:
+        while True:
+            pages = self.plan.grow(seq.seq_id, 1)
+            if pages is not None:
+                seq.computed = seq.total_len
+                return pages[0]
+            if self._evict_adapter():
+                continue
+            victim = self.running[-1]  # the newest running sequence gives its pages back
+            self._preempt(victim)
+            if victim is seq:
+                return None
+
+    def _admit(self, seq: Sequence, budget: int, step: Step) -> SeqWork | None:
+        tokens = seq.tokens
+        if len(tokens) > budget and self.running:
+            return None
+        adapter_new = seq.adapter is not None and not self.plan.is_resident(seq.adapter)
+        need = len(tokens) + (self.adapter_pages[seq.adapter] if adapter_new else 0)
+        reserve = len(self.running)  # keep one decode page for each running sequence
+        while len(self.plan.free) < need + reserve:
+            if not self._evict_adapter(keep=seq.adapter):
+                return None
+        if adapter_new:
+            step.load_adapters[seq.adapter] = self.plan.place_adapter(seq.adapter, self.adapter_pages[seq.adapter])
+        if seq.adapter is not None:
+            self.plan.use_adapter(seq.adapter)
+        pages = self.plan.grow(seq.seq_id, len(tokens))
+        seq.status, seq.computed = Status.RUNNING, len(tokens)
+        self.running.append(seq)
+        return SeqWork(seq.seq_id, list(tokens), 0, pages, seq.adapter, seq.request.sampling)
+
+    def _evict_adapter(self, keep: str | None = None) -> bool:
+        name = self.plan.evict_idle_adapter(keep)
+        if name is None:
+            return False
+        self._evicted.append(name)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption: drop the KV, requeue at the front, keep the tokens so far."""
+        self._release(seq)
+        seq.status, seq.computed = Status.WAITING, 0
+        seq.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.plan.release_seq(seq.seq_id)
+        self.running.remove(seq)
+        if seq.adapter is not None:
+            self.plan.unuse_adapter(seq.adapter)
+        self._finished_ids.append(seq.seq_id)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self._release(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    # ------------------------------------------------------------- results
+
+    def postprocess(self, tokens: list[int]) -> list[Output]:
+        if len(tokens) != len(self._scheduled):
+            raise RuntimeError(f"the worker returned {len(tokens)} tokens for {len(self._scheduled)} sequences")
+        outputs = []
+        for seq, token in zip(self._scheduled, tokens):
+            if seq.status != Status.RUNNING:
+                continue  # aborted while the step ran
+            seq.output_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason:
+                self._finish(seq, reason)
+            outputs.append(Output(seq, token, reason is not None))
+        self._scheduled = []
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        req = seq.request
+        if token in req.stop_token_ids or (not req.ignore_eos and token in self.eos_ids):
+            return "stop"
+        if len(seq.output_ids) >= req.max_new_tokens or seq.total_len >= self.cfg.max_model_len:
+            return "length"
+        return None

@@ -1,0 +1,53 @@
+"""A request as the scheduler tracks it."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from ..worker.step import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """What a user asked for, already tokenized and validated."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    adapter: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request: Request
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    computed: int = 0  # tokens whose KV is in the sequence's pages
+    finish_reason: str | None = None
+    error: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.request.prompt_ids + self.output_ids
+
+    @property
+    def adapter(self) -> str | None:
+        return self.request.adapter
+
+    @property
+    def total_len(self) -> int:
+        return len(self.request.prompt_ids) + len(self.output_ids)
