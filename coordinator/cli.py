@@ -23,6 +23,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", default=None, help="folder whose subfolders are PEFT LoRA adapters")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start an embedded one when --tp > 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-lora-rank", type=int, default=256)
     p.add_argument("--pool-bytes", type=parse_bytes, default=parse_bytes("512MiB"),
@@ -39,7 +40,7 @@ def engine_config(args):
     return EngineConfig(
         model_dir=args.model, adapters_dir=args.adapters, dtype=args.dtype, device=args.device, tp=args.tp,
         pool_bytes=args.pool_bytes, host_cache_bytes=args.host_cache_bytes, max_lora_rank=args.max_lora_rank,
-        max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
+        max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens, ray_address=args.ray_address,
     )
 
 

@@ -21,6 +21,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_queue: int = 4096
+    ray_address: str | None = None  # None: an embedded Ray when tp > 1
 
     def __post_init__(self):
         if not (Path(self.model_dir) / "config.json").is_file():

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from ..worker.adapters import AdapterError
+from ..worker.executor import make_executor
 from ..worker.step import SamplingParams
 from .adapters import AdapterEntry, AdapterRegistry
 from .config import EngineConfig
-from .executor import LocalExecutor
 from .pages import PagePlan
 from .scheduler import Output, Scheduler, SchedulerConfig
 from .sequence import Request, Sequence
@@ -19,7 +19,7 @@ class InvalidRequest(ValueError):
 class Engine:
     def __init__(self, cfg: EngineConfig, executor=None):
         self.cfg = cfg
-        self.executor = executor or make_executor(cfg)
+        self.executor = executor or make_executor(cfg.worker_config(), cfg.tp, cfg.ray_address)
         info = self.executor.call_all("info")[0]
         self.model = info.model
         max_len = min(cfg.max_model_len or self.model.max_position, self.model.max_position)
@@ -90,12 +90,6 @@ def check_sampling(p: SamplingParams) -> None:
         raise InvalidRequest(f"top_k must be >= 0 (0 = all tokens), got {p.top_k}")
     if p.seed is not None and not 0 <= p.seed < 2**63:
         raise InvalidRequest(f"seed must be in [0, 2^63), got {p.seed}")
-
-
-def make_executor(cfg: EngineConfig):
-    if cfg.tp == 1:
-        return LocalExecutor(cfg.worker_config())
-    raise InvalidRequest(f"--tp {cfg.tp}: tensor parallelism is not supported yet; use --tp 1")
 
 
 __all__ = ["Engine", "InvalidRequest", "AdapterError"]

@@ -27,6 +27,9 @@ class LoraGroup:
     rank: (n, G) int64, 0 where the adapter lacks the target.
     scale: (n, G) float32, alpha / r (or alpha / sqrt(r) for rsLoRA).
     max_rank: R, the padded width of the shrink output.
+    shards: N, the tensor-parallel ranks whose shrink outputs were all-gathered (column-parallel
+        groups under TP; 1 otherwise). Then s is (T, G, N * R), rank-major, and B_g has N * r
+        columns: column j * r + i of B_g multiplies s[t, g, j * R + i].
     """
 
     in_dim: int
@@ -36,6 +39,7 @@ class LoraGroup:
     rank: torch.Tensor
     scale: torch.Tensor
     max_rank: int
+    shards: int = 1
     _plan: list["_Bucket"] | None = field(default=None, repr=False)
 
     @property
@@ -79,11 +83,13 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, batch: LoraBatch, group: Lo
 def lora_expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch: LoraBatch, group: LoraGroup) -> torch.Tensor:
     """y[t, off_g:off_g+out_g] += scale(a_t, g) * s[t, g, :r] @ B_g(a_t).T, in place; returns y.
 
-    y: (T, sum(out_dims)); s: (T, G, R) from lora_shrink (all-gathered under TP).
+    y: (T, sum(out_dims)); s: (T, G, shards * R) from lora_shrink (all-gathered under TP,
+    where s[t, g, :r] means cat_j s[t, g, j*R : j*R + r]).
     """
     _check(y, pool, batch, group)
-    if s.shape != (y.shape[0], len(group.out_dims), group.max_rank):
-        raise ValueError(f"lora_expand: s has shape {tuple(s.shape)}, expected {(y.shape[0], len(group.out_dims), group.max_rank)}")
+    expected = (y.shape[0], len(group.out_dims), group.shards * group.max_rank)
+    if tuple(s.shape) != expected:
+        raise ValueError(f"lora_expand: s has shape {tuple(s.shape)}, expected {expected}")
     if y.shape[1] != sum(group.out_dims):
         raise ValueError(f"lora_expand: y has {y.shape[1]} columns, the group's outputs sum to {sum(group.out_dims)}")
     if y.is_cuda:
@@ -150,7 +156,7 @@ def _plan(batch: LoraBatch, group: LoraGroup, page_dim: int) -> list[_Bucket]:
         a_lo = min(ao[g] for g in present)
         a_hi = max(ao[g] + rk[g] * group.in_dim for g in present)
         b_lo = min(bo[g] for g in present)
-        b_hi = max(bo[g] + group.out_dims[g] * rk[g] for g in present)
+        b_hi = max(bo[g] + group.out_dims[g] * rk[g] * group.shards for g in present)
         p_lo, p_hi = a_lo // page_dim, -(-a_hi // page_dim)
         q_lo, q_hi = b_lo // page_dim, -(-b_hi // page_dim)
         rows = page_table[adapters]
@@ -196,6 +202,8 @@ def _shrink_reference(x: torch.Tensor, pool: torch.Tensor, batch: LoraBatch, gro
 
 def _expand_reference(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch: LoraBatch, group: LoraGroup) -> torch.Tensor:
     page_dim = pool.shape[1]
+    shards = group.shards
+    s = s.view(s.shape[0], s.shape[1], shards, group.max_rank)
     for b in _plan(batch, group, page_dim):
         n = b.tokens.shape[0]
         weights = pool[b.pages_b].reshape(n, -1)
@@ -204,8 +212,9 @@ def _expand_reference(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batc
             if not r:
                 continue
             out_dim, col = group.out_dims[g], group.out_offsets[g]
-            b_g = weights[:, off - base:off - base + out_dim * r].reshape(n, out_dim, r)
-            delta = torch.bmm(s[b.tokens, g, :r], b_g.transpose(1, 2))
+            b_g = weights[:, off - base:off - base + out_dim * r * shards].reshape(n, out_dim, r * shards)
+            s_g = s[b.tokens, g, :, :r].reshape(n, -1, shards * r)
+            delta = torch.bmm(s_g, b_g.transpose(1, 2))
             delta = delta * b.scale[:, g].to(delta.dtype).reshape(n, 1, 1)
             y[:, col:col + out_dim].index_add_(0, b.flat_tokens, delta.reshape(-1, out_dim)[b.valid])
     return y

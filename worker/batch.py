@@ -5,7 +5,7 @@ import torch
 
 from ..kernels.attention import AttentionBatch
 from ..kernels.lora import LoraBatch, LoraGroup
-from .lora import GROUPS, AdapterLayout, shard_dims
+from .lora import GROUPS, ROW_PARALLEL, AdapterLayout, shard_dims
 from .config import ModelConfig
 from .loader import Shard
 from .model import ForwardBatch
@@ -67,6 +67,7 @@ def lora_batch(seqs: list[SeqWork], adapter_pages: dict[str, list[int]], layouts
             rank=torch.tensor([[s.rank if s else 0 for s in row] for row in rows], dtype=torch.int64, device=device),
             scale=torch.tensor([[s.scale if s else 0.0 for s in row] for row in rows], dtype=torch.float32, device=device),
             max_rank=max(s.rank for row in rows for s in row if s),
+            shards=1 if targets[0] in ROW_PARALLEL else shard.size,
         )
     return LoraBatch(torch.tensor(token_adapter, dtype=torch.int64, device=device),
                      torch.tensor(table, dtype=torch.int64, device=device), groups)

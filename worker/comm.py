@@ -41,6 +41,6 @@ class Comm:
         if self.size == 1:
             return t
         self._count(kind, t)
-        out = t.new_empty((self.size,) + tuple(t.shape))
-        torch.distributed.all_gather_into_tensor(out, t.contiguous(), group=self.group)
-        return torch.movedim(out, 0, -2).flatten(-2)
+        out = t.new_empty((self.size * t.shape[0],) + tuple(t.shape[1:]))
+        torch.distributed.all_gather_single(out, t.contiguous(), group=self.group)
+        return torch.movedim(out.unflatten(0, (self.size, t.shape[0])), 0, -2).flatten(-2)

@@ -22,8 +22,9 @@ class Shard:
     size: int = 1
 
     def bounds(self, length: int) -> tuple[int, int]:
-        part = length // self.size
-        return self.rank * part, (self.rank + 1) * part
+        """This rank's [lo, hi) of `length` rows: equal parts, the last one shorter if it must be."""
+        part = -(-length // self.size)
+        return min(length, self.rank * part), min(length, (self.rank + 1) * part)
 
 
 class Checkpoint:

@@ -48,11 +48,10 @@ class AdapterLayout:
 
 
 def shard_dims(cfg: ModelConfig, target: str, shard: Shard) -> tuple[int, int]:
-    """(out, in) of this rank's shard of the base projection."""
+    """(rows of B, columns of A) on this rank: B is split on out for every target,
+    A on in for the row-parallel ones."""
     out_f, in_f = target_shape(cfg, target)
-    if target in ROW_PARALLEL:
-        return out_f, in_f // shard.size
-    return out_f // shard.size, in_f
+    return out_f // shard.size, (in_f // shard.size if target in ROW_PARALLEL else in_f)
 
 
 def shard_rank(target: str, rank: int, shard: Shard) -> int:

@@ -105,9 +105,12 @@ class LlamaModel:
         self.vocab_lo, self.vocab_hi = shard.bounds(cfg.vocab_size)
         self.embed = ckpt.get("model.embed_tokens.weight", vocab_shape, shard)
         if cfg.tie_embeddings or "lm_head.weight" not in ckpt:
-            self.lm_head = self.embed
+            head = self.embed
         else:
-            self.lm_head = ckpt.get("lm_head.weight", vocab_shape, shard)
+            head = ckpt.get("lm_head.weight", vocab_shape, shard)
+        # every rank's head has the same number of rows, so the logits all-gather is even
+        part = -(-cfg.vocab_size // shard.size)
+        self.lm_head = torch.cat([head, head.new_zeros(part - head.shape[0], head.shape[1])]) if head.shape[0] < part else head
         self.layers = [DecoderLayer(cfg, ckpt, i, shard) for i in range(cfg.num_layers)]
         self.norm = ckpt.get("model.norm.weight", (cfg.hidden_size,))
         self.inv_freq = cfg.rope.inv_freq(cfg.head_dim).to(ckpt.device)
@@ -122,13 +125,14 @@ class LlamaModel:
             h = layer.forward(h, pool, batch, rope, self.comm)
         h = rms_norm(h[batch.logits_rows], self.norm, self.cfg.rms_norm_eps)
         logits = F.linear(h, self.lm_head)
-        return self.comm.all_gather_last(logits, kind="head_all_gather").float()
+        logits = self.comm.all_gather_last(logits, kind="head_all_gather")
+        return logits[:, : self.cfg.vocab_size].float()
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if self.shard.size == 1:
             return F.embedding(ids, self.embed)
         mine = (ids >= self.vocab_lo) & (ids < self.vocab_hi)
-        h = F.embedding((ids - self.vocab_lo).clamp(0, self.vocab_hi - self.vocab_lo - 1), self.embed)
+        h = F.embedding((ids - self.vocab_lo).clamp(0, max(0, self.vocab_hi - self.vocab_lo - 1)), self.embed)
         h = h * mine.unsqueeze(-1).to(h.dtype)
         return self.comm.all_reduce(h, kind="embed_all_reduce")
 

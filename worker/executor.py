@@ -1,0 +1,179 @@
+"""Runs a worker method on every rank of one replica: in this process (tp=1) or as Ray actors.
+
+One generic primitive, `call_all(method, *args)`, instead of a stub per method. Every
+rank receives the same arguments (the same Step); rank 0's result comes first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from .config import WorkerConfig
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class LocalExecutor:
+    """A replica of one rank, in this process."""
+
+    def __init__(self, cfg: WorkerConfig):
+        self.tp = 1
+        self.worker = Worker(cfg)
+
+    def call_all(self, method: str, *args) -> list:
+        return [getattr(self.worker, method)(*args)]
+
+    def shutdown(self) -> None:
+        self.worker = None
+
+
+class WorkerActor:
+    """One rank: joins the torch.distributed group, then holds a Worker. Runs inside a Ray actor."""
+
+    def __init__(self, cfg: WorkerConfig, rank: int, size: int, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.cfg, self.rank, self.size = cfg, rank, size
+        self.worker = None
+
+    def rendezvous_address(self) -> str:
+        """A tcp:// address on this node with a free port, for rank 0 to host the group's store."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def start(self, init_method: str) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from .comm import Comm
+        from .loader import Shard
+
+        backend = "nccl" if self.cfg.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.size)
+        if backend == "nccl":
+            torch.cuda.set_device(0)  # Ray gives each actor one visible GPU
+        self.worker = Worker(self.cfg, Shard(self.rank, self.size), Comm(self.rank, self.size))
+
+    def call(self, method: str, *args):
+        return getattr(self.worker, method)(*args)
+
+    def stop(self) -> None:
+        import torch.distributed as dist
+
+        self.worker = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RayWorkerGroup:
+    """A tensor-parallel replica: a placement group of `tp` bundles, one WorkerActor per bundle."""
+
+    def __init__(self, cfg: WorkerConfig, tp: int, ray_address: str | None = None, start_timeout: float = 120.0):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.tp = tp
+        self._owns_ray = False
+        self._store_dir = None
+        if not ray.is_initialized():
+            init_ray(ray_address)
+            self._owns_ray = True
+        self._ray = ray
+        on_gpu = cfg.device.startswith("cuda")
+        cpus = ray.cluster_resources().get("CPU", 0)
+        per_rank = 1.0 if on_gpu else min(1.0, cpus / tp)
+        bundle = {"GPU": 1.0, "CPU": 1.0} if on_gpu else {"CPU": per_rank}
+        have = ray.available_resources().get("GPU" if on_gpu else "CPU", 0)
+        need = tp * bundle["GPU" if on_gpu else "CPU"]
+        if have + 1e-9 < need:
+            self.shutdown()
+            kind = "GPUs" if on_gpu else "CPUs"
+            raise ValueError(f"tp={tp} needs {need:g} {kind} in Ray, which has {have:g} free")
+        self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise ValueError(f"Ray could not place {tp} workers of {bundle} within {start_timeout:.0f}s") from None
+        actor_cls = ray.remote(WorkerActor)
+        threads = max(1, int((os.cpu_count() or 1) / tp)) if not on_gpu else 1
+        env = {"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}} if ray_address is None else None
+        self.actors = [
+            actor_cls.options(
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), runtime_env=env,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(cfg, rank, tp, threads)
+            for rank in range(tp)
+        ]
+        if ray_address is None:  # one node: a file store, so nothing listens beyond loopback
+            self._store_dir = tempfile.mkdtemp(prefix="lorafleet-store-")
+            init_method = Path(self._store_dir, "store").as_uri()
+        else:
+            init_method = ray.get(self.actors[0].rendezvous_address.remote())
+        try:
+            ray.get([a.start.remote(init_method) for a in self.actors], timeout=start_timeout)
+        except Exception:
+            self.shutdown()
+            raise
+
+    def call_all(self, method: str, *args) -> list:
+        return self._ray.get([a.call.remote(method, *args) for a in self.actors])
+
+    def shutdown(self) -> None:
+        ray = self._ray if hasattr(self, "_ray") else None
+        if ray is None:
+            return
+        for a in getattr(self, "actors", []):
+            try:
+                ray.get(a.stop.remote(), timeout=30)
+            except Exception:  # a dead actor needs no stopping
+                pass
+            ray.kill(a)
+        self.actors = []
+        if getattr(self, "pg", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.pg)
+            self.pg = None
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+        if self._store_dir:
+            for f in Path(self._store_dir).iterdir():
+                f.unlink()
+            os.rmdir(self._store_dir)
+            self._store_dir = None
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Joins `address`, or starts an embedded Ray bound to loopback."""
+    import ray
+
+    if address is not None:
+        ray.init(address=address, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = time.monotonic()
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+        _temp_dir=tempfile.mkdtemp(prefix="lorafleet-ray-"), configure_logging=False,
+    )
+    log.info("started an embedded Ray on 127.0.0.1 in %.1fs", time.monotonic() - started)
+
+
+def make_executor(cfg: WorkerConfig, tp: int = 1, ray_address: str | None = None):
+    if tp == 1 and ray_address is None:
+        return LocalExecutor(cfg)
+    return RayWorkerGroup(cfg, tp, ray_address)
