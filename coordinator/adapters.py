@@ -1,6 +1,7 @@
 """The coordinator's adapter registry: names, where they live on disk, what they need in the pool."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -63,4 +64,20 @@ class AdapterRegistry:
         self.entries.pop(name, None)
 
 
-__all__ = ["AdapterRegistry", "AdapterEntry", "AdapterNotFound", "AdapterPathDenied", "AdapterError"]
+def disk_adapter_summary(root: Path, exclude: set[str], limit: int = 10_000) -> list[dict]:
+    """Name, rank and targets of the adapter folders under root, from their configs only."""
+    found = []
+    for folder in sorted(root.iterdir())[:limit]:
+        config = folder / "adapter_config.json"
+        if folder.name in exclude or not config.is_file() or not _NAME.match(folder.name):
+            continue
+        try:
+            raw = json.loads(config.read_text())
+            targets = raw.get("target_modules") or []
+            found.append({"name": folder.name, "rank": int(raw.get("r", 0)),
+                          "targets": sorted(targets) if isinstance(targets, list) else [str(targets)]})
+        except (ValueError, TypeError, OSError):
+            found.append({"name": folder.name, "rank": 0, "targets": []})
+    return found
+
+

@@ -62,6 +62,29 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import asyncio
+
+    from .server import ServerConfig, serve
+
+    cfg = ServerConfig(
+        engine=engine_config(args), replicas=args.replicas, host=args.host, port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port, admin_token_file=args.admin_token_file,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace=args.shutdown_grace,
+    )
+
+    def announce(line: str) -> None:
+        print(line, flush=True)
+        info = json.loads(line)
+        print(f"lorafleet: serving {args.model} on {info['host']}:{info['port']}"
+              + (f", metrics on http://{info['host']}:{info['metrics_port']}/metrics" if info["metrics_port"] else ""), file=sys.stderr)
+        print(f"  try: lorafleet generate --target {info['host']}:{info['port']} --chat \"What is the capital of France?\"", file=sys.stderr)
+        print(f"       lorafleet adapters list --target {info['host']}:{info['port']}", file=sys.stderr)
+
+    asyncio.run(serve(cfg, announce))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -78,6 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--output", required=True, help="results.jsonl")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
+
+    srv = sub.add_parser("serve", help="serve the gRPC API")
+    add_engine_args(srv)
+    srv.add_argument("--replicas", type=int, default=1, help="tensor-parallel groups to route between")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    srv.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port (0 picks a free one, -1 turns it off)")
+    srv.add_argument("--admin-token-file", default=None, help="file holding the bearer token admin calls must send")
+    srv.add_argument("--tls-cert", default=None)
+    srv.add_argument("--tls-key", default=None)
+    srv.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get to finish on shutdown")
+    srv.set_defaults(func=cmd_serve)
+
+    try:  # the commands that talk to a running server
+        from ..client.cli import add_client_commands
+    except ImportError:
+        add_client_commands = None
+    if add_client_commands is not None:
+        add_client_commands(sub)
 
     demo = sub.add_parser("demo", help="answer a few prompts with each demo adapter")
     add_engine_args(demo)

@@ -67,8 +67,27 @@ class Engine:
     def abort(self, seq: Sequence, reason: str = "cancelled") -> None:
         self.scheduler.abort(seq, reason)
 
+    def adapter_users(self, name: str) -> int:
+        """Waiting and running sequences that use the adapter."""
+        return sum(1 for s in list(self.scheduler.waiting) + self.scheduler.running if s.adapter == name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forgets an adapter no sequence uses: out of the pool, the host cache and the registry."""
+        if self.adapter_users(name):
+            raise RuntimeError(f"adapter {name} is still in use")
+        self.scheduler.unload_adapter(name)
+        self.executor.call_all("forget_adapter", name)
+        self.registry.remove(name)
+
+    def host_cached_adapters(self) -> list[str]:
+        return self.executor.call_all("host_cached_adapters")[0]
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def busy(self) -> bool:
+        """Sequences are waiting or running (finished ids alone can wait for the next step)."""
+        return bool(self.scheduler.waiting or self.scheduler.running)
 
     def step(self) -> list[Output]:
         step = self.scheduler.schedule()
@@ -92,4 +111,3 @@ def check_sampling(p: SamplingParams) -> None:
         raise InvalidRequest(f"seed must be in [0, 2^63), got {p.seed}")
 
 
-__all__ = ["Engine", "InvalidRequest", "AdapterError"]

@@ -85,6 +85,12 @@ class Scheduler:
             return
         self._finish(seq, reason)
 
+    def unload_adapter(self, name: str) -> None:
+        """Takes an idle adapter's pages back and forgets its size."""
+        if self.plan.drop_adapter(name):
+            self._evicted.append(name)
+        self.adapter_pages.pop(name, None)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._finished_ids or self._evicted)
 

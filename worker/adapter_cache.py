@@ -36,6 +36,9 @@ class HostAdapterCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def names(self) -> list[str]:
+        return list(self._items)
+
     def get(self, name: str) -> PackedAdapter | None:
         item = self._items.get(name)
         if item is not None:

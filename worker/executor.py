@@ -78,7 +78,8 @@ class WorkerActor:
 class RayWorkerGroup:
     """A tensor-parallel replica: a placement group of `tp` bundles, one WorkerActor per bundle."""
 
-    def __init__(self, cfg: WorkerConfig, tp: int, ray_address: str | None = None, start_timeout: float = 120.0):
+    def __init__(self, cfg: WorkerConfig, tp: int, ray_address: str | None = None, start_timeout: float = 120.0,
+                 cpus_per_rank: float | None = None):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -92,7 +93,7 @@ class RayWorkerGroup:
         self._ray = ray
         on_gpu = cfg.device.startswith("cuda")
         cpus = ray.cluster_resources().get("CPU", 0)
-        per_rank = 1.0 if on_gpu else min(1.0, cpus / tp)
+        per_rank = 1.0 if on_gpu else (cpus_per_rank or min(1.0, cpus / tp))
         bundle = {"GPU": 1.0, "CPU": 1.0} if on_gpu else {"CPU": per_rank}
         have = ray.available_resources().get("GPU" if on_gpu else "CPU", 0)
         need = tp * bundle["GPU" if on_gpu else "CPU"]

@@ -85,6 +85,9 @@ class Worker:
             table.pop(name, None)
         self.cache.remove(name)
 
+    def host_cached_adapters(self) -> list[str]:
+        return self.cache.names()
+
     def _pack(self, name: str, path: Path) -> PackedAdapter:
         weights = read_adapter(name, path, self.model_cfg, self.cfg.max_lora_rank)
         layout = plan_layout(weights.ranks, weights.scales, self.model_cfg, self.shard, self.page_dim)

@@ -1,0 +1,62 @@
+"""Prometheus metrics, with per-adapter labels, on their own HTTP port."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+def adapter_label(adapter: str | None) -> str:
+    return adapter or "__base__"
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lorafleet_requests", "Finished requests by adapter and status", ["adapter", "status"], registry=r)
+        self.generated_tokens = Counter("lorafleet_generated_tokens", "Generated tokens by adapter", ["adapter"], registry=r)
+        self.ttft = Histogram("lorafleet_time_to_first_token_seconds", "Time to first token", ["adapter"], buckets=_LATENCY, registry=r)
+        self.tpot = Histogram("lorafleet_time_per_output_token_seconds", "Time per output token after the first", ["adapter"], buckets=_PER_TOKEN, registry=r)
+        self.e2e = Histogram("lorafleet_request_latency_seconds", "End-to-end request latency", ["adapter"], buckets=_LATENCY, registry=r)
+        self.queue = Gauge("lorafleet_queue_length", "Sequences waiting", ["replica"], registry=r)
+        self.batch = Gauge("lorafleet_running_batch_size", "Sequences running", ["replica"], registry=r)
+        self.pages = Gauge("lorafleet_pool_pages", "Pool pages by use", ["replica", "use"], registry=r)
+        self.resident = Gauge("lorafleet_adapters_resident", "Adapters resident per tier", ["tier"], registry=r)
+        self._http = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Starts the /metrics HTTP endpoint; returns the bound port (port 0 picks one)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def observe_finished(self, adapter: str | None, status: str, started: float, first_token: float | None,
+                         finished: float, tokens: int) -> None:
+        label = adapter_label(adapter)
+        self.requests.labels(label, status).inc()
+        self.generated_tokens.labels(label).inc(tokens)
+        self.e2e.labels(label).observe(finished - started)
+        if first_token is not None:
+            self.ttft.labels(label).observe(first_token - started)
+            if tokens > 1:
+                self.tpot.labels(label).observe((finished - first_token) / (tokens - 1))
+
+    def observe_replica(self, index: int, waiting: int, running: int, kv_pages: int, adapter_pages: int, free_pages: int) -> None:
+        replica = str(index)
+        self.queue.labels(replica).set(waiting)
+        self.batch.labels(replica).set(running)
+        self.pages.labels(replica, "kv").set(kv_pages)
+        self.pages.labels(replica, "adapter").set(adapter_pages)
+        self.pages.labels(replica, "free").set(free_pages)
+
+    def observe_tiers(self, device_pool: int, host_cache: int, disk: int) -> None:
+        self.resident.labels("device_pool").set(device_pool)
+        self.resident.labels("host_cache").set(host_cache)
+        self.resident.labels("disk").set(disk)
