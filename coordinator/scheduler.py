@@ -52,6 +52,7 @@ class Scheduler:
     _evicted: list[str] = field(default_factory=list)
     _scheduled: list[Sequence] = field(default_factory=list)
     _next_id: int = 0
+    preemptions: int = 0  # since start, for metrics and tests
 
     # ------------------------------------------------------------- requests
 
@@ -167,6 +168,7 @@ class Scheduler:
         self._release(seq)
         seq.status, seq.computed = Status.WAITING, 0
         seq.preemptions += 1
+        self.preemptions += 1
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:

@@ -104,6 +104,10 @@ def _read_config(name: str, path: Path) -> dict:
         raise AdapterError(name, f"modules_to_save {config['modules_to_save']} is not supported: it replaces base weights, which all adapters share")
     if config.get("bias", "none") != "none":
         raise AdapterError(name, f"bias={config['bias']!r} is not supported (only 'none')")
+    if config.get("lora_bias"):
+        raise AdapterError(name, "lora_bias=true is not supported (it trains a bias on B)")
+    if config.get("layer_replication"):
+        raise AdapterError(name, "layer_replication is not supported")
     if config.get("fan_in_fan_out"):
         raise AdapterError(name, "fan_in_fan_out=true is not supported for Llama-family models")
     for key in ("lora_alpha", "r"):

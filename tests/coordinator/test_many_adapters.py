@@ -1,0 +1,58 @@
+"""1,000 adapters through a pool that holds at most 50 at once: outputs equal a pool that holds them all."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from engines import make_engine
+from safetensors.torch import load_file, save_file
+
+from lorafleet.coordinator.sequence import Request
+
+N_ADAPTERS = 1000
+
+
+def _thousand_adapters(template, root):
+    """Copies of a peft-saved adapter with fresh random weights (same keys, shapes and config)."""
+    tensors = load_file(template / "adapter_model.safetensors")
+    config = json.loads((template / "adapter_config.json").read_text())
+    gen = torch.Generator().manual_seed(7)
+    for i in range(N_ADAPTERS):
+        folder = root / f"a{i:04d}"
+        folder.mkdir(parents=True)
+        save_file({k: torch.randn(v.shape, generator=gen) * 0.5 for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _run(engine, max_resident: list[int]) -> list[list[int]]:
+    seqs = [engine.add(Request(str(i), [3 + i % 200, 7, 11], 4, f"a{i:04d}", ignore_eos=True)) for i in range(N_ADAPTERS)]
+    for _ in range(20_000):
+        if not engine.has_work():
+            break
+        engine.step()
+        engine.scheduler.plan.check()
+        max_resident[0] = max(max_resident[0], len(engine.scheduler.plan.adapters))
+    assert not engine.has_work()
+    return [s.output_ids for s in seqs]
+
+
+def test_thousand_adapters_through_fifty_slots(tiny_models, adapter_factory, tmp_path):
+    model = tiny_models["llama_gqa"]
+    template = adapter_factory(model, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    root = tmp_path / "adapters"
+    _thousand_adapters(template, root)
+    page_bytes = 2 * (2 * 2 * 16) * 4
+    adapter_pages = 7  # (2*64 + 2*64 + 64*2 + 32*2) / 64
+    small = make_engine(model, root, pool_bytes=(50 * adapter_pages + 6) * page_bytes,
+                        host_cache_bytes=100 * adapter_pages * page_bytes, max_num_seqs=16)
+    assert small.ensure_adapter("a0000").num_pages == adapter_pages
+    peak = [0]
+    got = _run(small, peak)
+    assert 1 < peak[0] <= 50
+    big = make_engine(model, root, pool_bytes=(N_ADAPTERS * adapter_pages + 2000) * page_bytes, max_num_seqs=16)
+    peak_big = [0]
+    assert got == _run(big, peak_big)
+    assert peak_big[0] > 50
+    assert len({tuple(t) for t in got}) > N_ADAPTERS // 2  # the adapters really differ
+    shutil.rmtree(root)
