@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray reads these at import: an embedded Ray then listens on loopback only, without auth tokens.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

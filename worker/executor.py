@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import WorkerConfig
-from .worker import Worker
+from .config import ModelConfig, WorkerConfig
+from .worker import Worker, check_divisible
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,13 @@ class RayWorkerGroup:
 
     def __init__(self, cfg: WorkerConfig, tp: int, ray_address: str | None = None, start_timeout: float = 120.0,
                  cpus_per_rank: float | None = None):
+        if ray_address is None:
+            keep_ray_local()  # before Ray is imported: it reads these at import time
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        check_divisible(ModelConfig.from_dir(cfg.model_dir), tp)  # before starting anything
         self.tp = tp
         self._owns_ray = False
         self._store_dir = None
@@ -157,15 +160,25 @@ class RayWorkerGroup:
             self._store_dir = None
 
 
+def keep_ray_local() -> None:
+    """An embedded Ray listens on loopback only and needs no auth token.
+
+    Ray reads these when it is first imported, in this process and in the ones it starts;
+    a coordinator that joins a real cluster (--ray-address) leaves them alone.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Joins `address`, or starts an embedded Ray bound to loopback."""
+    if address is None:
+        keep_ray_local()
     import ray
 
     if address is not None:
         ray.init(address=address, log_to_driver=True)
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = time.monotonic()
     ray.init(
         num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",

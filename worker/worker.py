@@ -107,6 +107,13 @@ class Worker:
         self.pool.write(pages, item.packed)
         self.adapter_pages[name] = list(pages)
 
+    def comm_counts(self, reset: bool = False) -> dict[str, dict[str, int]]:
+        """Collectives run since the last reset: {kind: {"calls": n, "elements": n}}."""
+        counts = {k: {"calls": self.comm.calls[k], "elements": self.comm.elements[k]} for k in self.comm.calls}
+        if reset:
+            self.comm.reset_counts()
+        return counts
+
     # ------------------------------------------------------------- steps
 
     def execute(self, step: Step) -> list[int] | None:

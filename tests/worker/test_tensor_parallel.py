@@ -1,0 +1,125 @@
+"""Tensor parallelism over Ray actors and gloo: exact against tp=1 and PEFT, with the collectives
+the S-LoRA partition promises, and nothing left running afterwards."""
+from __future__ import annotations
+
+import os
+import random
+
+import psutil
+import pytest
+import ray
+from engines import generate, make_engine
+from peers import peft_greedy
+
+from lorafleet.worker.executor import init_ray
+
+pytestmark = pytest.mark.slow
+
+# ranks not divisible by 2 or 4 (1, 3, 6), every target set, and base-only requests
+ADAPTERS = {
+    "r1_v": dict(r=1, lora_alpha=2, target_modules=["v_proj"]),
+    "r3_all": dict(r=3, lora_alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "r6_mlp": dict(r=6, lora_alpha=12, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "r8_attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "r16_o_down": dict(r=16, lora_alpha=8, target_modules=["o_proj", "down_proj"]),
+    "r4_rs_all": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tp_setup(tiny_models, adapter_factory, tmp_path_factory):
+    """llama_mha has 4 query and 4 KV heads, so tp=2 and tp=4 both divide it."""
+    model = tiny_models["llama_mha"]
+    root = tmp_path_factory.mktemp("tp_adapters")
+    for i, (name, kw) in enumerate(ADAPTERS.items()):
+        adapter_factory(model, root / name, seed=300 + i, **kw)
+    rng = random.Random(5)
+    requests = [(name, [rng.randrange(8, 250) for _ in range(rng.randrange(2, 20))], rng.randrange(5, 12)) for name in ADAPTERS]
+    requests += [(None, [rng.randrange(8, 250) for _ in range(6)], 8), ("r3_all", [11, 12], 9)]
+    join_at = [rng.randrange(0, 4) for _ in requests]
+    reference = generate(make_engine(model, root), requests, join_at)
+    init_ray(None, num_cpus=4)
+    yield model, root, requests, join_at, reference
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_equals_tp1_and_peft(tp_setup, tp):
+    model, root, requests, join_at, reference = tp_setup
+    engine = make_engine(model, root, tp=tp)
+    try:
+        assert generate(engine, requests, join_at) == reference
+        counts = engine.executor.call_all("comm_counts")
+        assert all(c == counts[0] for c in counts), "ranks ran different collectives"
+    finally:
+        engine.shutdown()
+    for (adapter, prompt, n), tokens in zip(requests, reference):
+        assert tokens == peft_greedy(model, root / adapter if adapter else None, prompt, n)
+
+
+def _one_step_counts(engine, adapter, prompt_len):
+    from lorafleet.coordinator.sequence import Request
+
+    engine.executor.call_all("comm_counts", True)
+    engine.add(Request("c", list(range(10, 10 + prompt_len)), 1, adapter, ignore_eos=True))
+    engine.step()
+    return engine.executor.call_all("comm_counts", True)[0]
+
+
+def test_collectives_per_layer(tp_setup):
+    """Per layer: 2 base all-reduces; with adapters also 2 all-gathers and 2 all-reduces of (T, r)."""
+    model, root, *_ = tp_setup
+    tp, layers, tokens = 2, 2, 5
+    engine = make_engine(model, root, tp=tp)
+    try:
+        base = _one_step_counts(engine, None, tokens)
+        assert base["all_reduce"] == {"calls": 2 * layers, "elements": 2 * layers * tokens * 64}
+        assert "lora_all_gather" not in base and "lora_all_reduce" not in base
+        lora = _one_step_counts(engine, "r8_attn", tokens)  # attention only: the MLP groups run nothing
+        assert lora["all_reduce"] == base["all_reduce"]
+        r_shard = 8 // tp
+        assert lora["lora_all_gather"] == {"calls": layers, "elements": layers * tokens * 3 * r_shard}
+        assert lora["lora_all_reduce"] == {"calls": layers, "elements": layers * tokens * 8}
+        full = _one_step_counts(engine, "r3_all", tokens)  # all seven targets: both groups of each kind
+        r_shard = -(-3 // tp)
+        assert full["lora_all_gather"] == {"calls": 2 * layers, "elements": layers * tokens * (3 + 2) * r_shard}
+        assert full["lora_all_reduce"] == {"calls": 2 * layers, "elements": layers * tokens * 2 * 3}
+        assert full["all_reduce"] == base["all_reduce"]
+    finally:
+        engine.shutdown()
+
+
+def test_clear_errors_for_impossible_tp(tiny_models):
+    gqa = tiny_models["llama_gqa"]  # 2 KV heads
+    with pytest.raises(ValueError, match="tp=4 does not divide the model's 2 KV heads"):
+        make_engine(gqa, tp=4)
+    with pytest.raises(ValueError, match="tp=3 does not divide the model's 4 attention heads"):
+        make_engine(gqa, tp=3)
+
+
+def test_more_ranks_than_ray_has(tp_setup):
+    model, root, *_ = tp_setup
+    with pytest.raises(ValueError, match=r"tp=4 needs 4 GPUs in Ray, which has 0 free"):
+        make_engine(model, root, tp=4, device="cuda")
+
+
+def test_group_leaves_nothing_behind(tiny_models):
+    """A group that starts its own Ray: after shutdown no child process and no listening port remain."""
+    was_running = ray.is_initialized()
+    if was_running:
+        ray.shutdown()
+    me = psutil.Process(os.getpid())
+    before_children = {p.pid for p in me.children(recursive=True)}
+    before_ports = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+    engine = make_engine(tiny_models["llama_mha"], tp=2)
+    assert engine.executor._owns_ray
+    assert generate(engine, [(None, [9, 10, 11], 3)])[0] == peft_greedy(tiny_models["llama_mha"], None, [9, 10, 11], 3)
+    listening = [c for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port not in before_ports]
+    assert listening and all(c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for c in listening), [c.laddr for c in listening]
+    engine.shutdown()
+    gone = psutil.wait_procs([p for p in me.children(recursive=True) if p.pid not in before_children], timeout=30)[1]
+    assert not gone, f"processes left behind: {[p.name() for p in gone]}"
+    after_ports = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+    assert after_ports <= before_ports
+    if was_running:
+        init_ray(None, num_cpus=4)
