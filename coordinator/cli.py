@@ -114,12 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get to finish on shutdown")
     srv.set_defaults(func=cmd_serve)
 
-    try:  # the commands that talk to a running server
-        from ..client.cli import add_client_commands
-    except ImportError:
-        add_client_commands = None
-    if add_client_commands is not None:
-        add_client_commands(sub)
+    from ..client.cli import add_client_commands  # generate, adapters, loadtest: they talk to a server
+
+    add_client_commands(sub)
 
     demo = sub.add_parser("demo", help="answer a few prompts with each demo adapter")
     add_engine_args(demo)
