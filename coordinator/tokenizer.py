@@ -53,25 +53,32 @@ def _raise(message: str):
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas that never split a UTF-8 character."""
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character.
 
-    def __init__(self, tokenizer: Tokenizer, prompt_tail: list[int] | None = None):
+    Each new piece is decoded together with the tokens just before it (the window from
+    `prefix` to the end), so tokenizers that render a token differently at the start of a
+    string (sentencepiece's leading space) still produce the right delta; the work per
+    token stays small however long the output grows.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
-        self.ids: list[int] = list(prompt_tail or [])
-        self._prefix = len(self.ids)
-        self._emitted = self.tok.decode(self.ids)
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the context window
+        self.read = 0  # tokens already turned into text
 
     def push(self, token_ids: list[int]) -> str:
         self.ids += token_ids
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        now = self.tok.decode(self.ids[self.prefix:])
+        if now.endswith("\ufffd"):
             return ""  # a multi-byte character is not complete yet
-        delta = text[len(self._emitted):]
-        self._emitted = text
-        return delta
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before):]
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        delta = text[len(self._emitted):]
-        self._emitted = text
-        return delta
+        """Whatever is still held back (an unfinished character), at the end of the stream."""
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        now = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]

@@ -99,8 +99,10 @@ def _attention_reference(q: torch.Tensor, pool: torch.Tensor, batch: AttentionBa
         rows = batch.decode_rows
         lens = batch.context_lens[rows]
         width = int(lens.max())
-        k, v = _gather_kv(pool, batch.page_table[rows, :width], num_kv_heads, head_dim)  # (S, kvh, L, d)
         mask = torch.arange(width, device=q.device)[None, :] < lens[:, None]  # (S, L)
+        # padded positions read the sequence's first page: masked-out keys must still be finite
+        pages = torch.where(mask, batch.page_table[rows, :width], batch.page_table[rows, :1])
+        k, v = _gather_kv(pool, pages, num_kv_heads, head_dim)  # (S, kvh, L, d)
         token_rows = batch.query_start[rows]
         qd = q[token_rows].unsqueeze(2)  # (S, H, 1, d)
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)

@@ -183,7 +183,7 @@ def _shrink_reference(x: torch.Tensor, pool: torch.Tensor, batch: LoraBatch, gro
     s = x.new_zeros(num_tokens, num_targets, group.max_rank)
     for b in _plan(batch, group, pool.shape[1]):
         n = b.tokens.shape[0]
-        weights = pool[b.pages_a].reshape(n, -1)  # one copy of the bucket's A blocks
+        weights = pool.index_select(0, b.pages_a).reshape(n, -1)  # one copy of the bucket's A blocks
         spans = [(off - b.page_lo * pool.shape[1], r * group.in_dim) for off, r in zip(b.a_offsets, b.ranks) if r]
         total_rank = sum(b.ranks)
         if all(nxt[0] == cur[0] + cur[1] for cur, nxt in zip(spans, spans[1:])):  # A blocks back to back
@@ -206,7 +206,7 @@ def _expand_reference(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batc
     s = s.view(s.shape[0], s.shape[1], shards, group.max_rank)
     for b in _plan(batch, group, page_dim):
         n = b.tokens.shape[0]
-        weights = pool[b.pages_b].reshape(n, -1)
+        weights = pool.index_select(0, b.pages_b).reshape(n, -1)
         base = b.b_page_lo * page_dim
         for g, (r, off) in enumerate(zip(b.ranks, b.b_offsets)):
             if not r:

@@ -28,6 +28,9 @@ class AdapterError(ValueError):
         super().__init__(f"adapter {name!r}: {reason}")
         self.adapter, self.reason = name, reason
 
+    def __reduce__(self):  # crosses process boundaries (Ray) with its fields intact
+        return AdapterError, (self.adapter, self.reason)
+
 
 def target_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
     """(out_features, in_features) of a base projection."""
