@@ -8,6 +8,8 @@ CACHE ?= $(CURDIR)/cache
 DEMO_MODEL := $(CACHE)/smollm2-135m-instruct
 DEMO_ADAPTERS := $(CACHE)/demo-adapters
 STAMP := $(VENV)/.installed
+PORT ?= 50051
+METRICS_PORT ?= 9400
 
 .PHONY: install serve test demo bench clean
 
@@ -34,7 +36,7 @@ $(DEMO_MODEL)/config.json: | $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m deploy.demo_model --model-out $(DEMO_MODEL) --adapters-out $(DEMO_ADAPTERS)
 
 serve: install demo
-	HF_HUB_OFFLINE=1 $(BIN)/lorafleet demo --model $(DEMO_MODEL) --adapters $(DEMO_ADAPTERS)
+	HF_HUB_OFFLINE=1 $(BIN)/lorafleet serve --model $(DEMO_MODEL) --adapters $(DEMO_ADAPTERS) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: install demo
 	HF_HUB_OFFLINE=1 LORAFLEET_DEMO_MODEL=$(DEMO_MODEL) LORAFLEET_DEMO_ADAPTERS=$(DEMO_ADAPTERS) \

@@ -28,6 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=256)
     p.add_argument("--pool-bytes", type=parse_bytes, default=parse_bytes("512MiB"),
                    help="unified page pool size per worker (KV cache + adapters), e.g. 2GiB")
+    p.add_argument("--pool-fraction", type=float, default=None,
+                   help="on CUDA: size the pool as this fraction of free device memory instead of --pool-bytes")
     p.add_argument("--host-cache-bytes", type=parse_bytes, default=parse_bytes("2GiB"),
                    help="CPU memory for loaded adapters, least recently used out first")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch at most")
@@ -39,7 +41,8 @@ def engine_config(args):
 
     return EngineConfig(
         model_dir=args.model, adapters_dir=args.adapters, dtype=args.dtype, device=args.device, tp=args.tp,
-        pool_bytes=args.pool_bytes, host_cache_bytes=args.host_cache_bytes, max_lora_rank=args.max_lora_rank,
+        pool_bytes=None if args.pool_fraction is not None else args.pool_bytes,
+        pool_fraction=args.pool_fraction or 0.9, host_cache_bytes=args.host_cache_bytes, max_lora_rank=args.max_lora_rank,
         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens, ray_address=args.ray_address,
     )
 

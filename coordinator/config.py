@@ -14,7 +14,8 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     tp: int = 1
-    pool_bytes: int | None = 512 * 2**20
+    pool_bytes: int | None = 512 * 2**20  # None: pool_fraction of free device memory (CUDA)
+    pool_fraction: float = 0.9
     host_cache_bytes: int = 2 * 2**30
     max_lora_rank: int = 256
     max_num_seqs: int = 64
@@ -39,5 +40,6 @@ class EngineConfig:
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(
             model_dir=self.model_dir, dtype=self.dtype, device=self.device, pool_bytes=self.pool_bytes,
+            pool_fraction=self.pool_fraction,
             host_cache_bytes=self.host_cache_bytes, max_lora_rank=self.max_lora_rank,
         )
