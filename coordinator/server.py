@@ -438,10 +438,11 @@ async def serve(cfg: ServerConfig, announce=print) -> None:
     server = LoraFleetServer(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+        # after start: Ray's core worker installs its own SIGTERM handler, which aborts the process
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         announce(server.ready_line())
         await stop.wait()
     finally:
