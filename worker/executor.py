@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -90,8 +91,9 @@ class RayWorkerGroup:
         self.tp = tp
         self._owns_ray = False
         self._store_dir = None
+        self._ray_dir = None
         if not ray.is_initialized():
-            init_ray(ray_address)
+            self._ray_dir = init_ray(ray_address)
             self._owns_ray = True
         self._ray = ray
         on_gpu = cfg.device.startswith("cuda")
@@ -153,6 +155,8 @@ class RayWorkerGroup:
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+            if self._ray_dir:
+                shutil.rmtree(self._ray_dir, ignore_errors=True)
         if self._store_dir:
             for f in Path(self._store_dir).iterdir():
                 f.unlink()
@@ -170,21 +174,23 @@ def keep_ray_local() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Joins `address`, or starts an embedded Ray bound to loopback."""
+def init_ray(address: str | None, num_cpus: int | None = None) -> str | None:
+    """Joins `address`, or starts an embedded Ray bound to loopback; returns the embedded one's folder."""
     if address is None:
         keep_ray_local()
     import ray
 
     if address is not None:
         ray.init(address=address, log_to_driver=True)
-        return
+        return None
     started = time.monotonic()
+    folder = tempfile.mkdtemp(prefix="lorafleet-ray-")
     ray.init(
         num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-        _temp_dir=tempfile.mkdtemp(prefix="lorafleet-ray-"), configure_logging=False,
+        _temp_dir=folder, configure_logging=False,
     )
     log.info("started an embedded Ray on 127.0.0.1 in %.1fs", time.monotonic() - started)
+    return folder
 
 
 def make_executor(cfg: WorkerConfig, tp: int = 1, ray_address: str | None = None):

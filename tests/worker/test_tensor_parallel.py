@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 import psutil
 import pytest
@@ -38,9 +39,10 @@ def tp_setup(tiny_models, adapter_factory, tmp_path_factory):
     requests += [(None, [rng.randrange(8, 250) for _ in range(6)], 8), ("r3_all", [11, 12], 9)]
     join_at = [rng.randrange(0, 4) for _ in requests]
     reference = generate(make_engine(model, root), requests, join_at)
-    init_ray(None, num_cpus=4)
+    ray_dir = init_ray(None, num_cpus=4)
     yield model, root, requests, join_at, reference
     ray.shutdown()
+    shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -113,6 +115,7 @@ def test_group_leaves_nothing_behind(tiny_models):
     before_ports = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
     engine = make_engine(tiny_models["llama_mha"], tp=2)
     assert engine.executor._owns_ray
+    ray_dir = engine.executor._ray_dir
     assert generate(engine, [(None, [9, 10, 11], 3)])[0] == peft_greedy(tiny_models["llama_mha"], None, [9, 10, 11], 3)
     listening = [c for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port not in before_ports]
     assert listening and all(c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for c in listening), [c.laddr for c in listening]
@@ -121,5 +124,6 @@ def test_group_leaves_nothing_behind(tiny_models):
     assert not gone, f"processes left behind: {[p.name() for p in gone]}"
     after_ports = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
     assert after_ports <= before_ports
+    assert not os.path.exists(ray_dir)
     if was_running:
         init_ray(None, num_cpus=4)
