@@ -76,7 +76,7 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch: AttentionBatch, 
 def _gather_kv(pool: torch.Tensor, pages: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """pages: (..., L) -> K, V each (..., kv_heads, L, d)."""
     kv_size = num_kv_heads * head_dim
-    rows = pool[pages]
+    rows = pool.index_select(0, pages.reshape(-1)).view(*pages.shape, pool.shape[1])
     k = rows[..., :kv_size].unflatten(-1, (num_kv_heads, head_dim)).transpose(-3, -2)
     v = rows[..., kv_size:2 * kv_size].unflatten(-1, (num_kv_heads, head_dim)).transpose(-3, -2)
     return k, v
