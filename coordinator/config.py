@@ -22,6 +22,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_queue: int = 4096
+    separate_adapter_pages: float | None = None  # ablation: this fraction of the pool for adapters only
     ray_address: str | None = None  # None: an embedded Ray when tp > 1
 
     def __post_init__(self):
@@ -31,6 +32,8 @@ class EngineConfig:
             raise ValueError(f"--adapters {self.adapters_dir}: no such folder")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.separate_adapter_pages is not None and not 0 < self.separate_adapter_pages < 1:
+            raise ValueError("--separate-adapter-pool must be a fraction in (0, 1)")
         if self.tp < 1:
             raise ValueError(f"--tp must be at least 1, got {self.tp}")
         for name in ("max_lora_rank", "max_num_seqs", "max_batched_tokens", "max_queue"):

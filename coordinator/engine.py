@@ -25,7 +25,7 @@ class Engine:
         max_len = min(cfg.max_model_len or self.model.max_position, self.model.max_position)
         self.scheduler = Scheduler(
             SchedulerConfig(cfg.max_num_seqs, cfg.max_batched_tokens, max_len),
-            PagePlan(info.num_pages), eos_ids=self.model.eos_token_ids,
+            PagePlan(info.num_pages, _adapter_capacity(cfg, info.num_pages)), eos_ids=self.model.eos_token_ids,
         )
         self.registry = AdapterRegistry(cfg.adapters_dir)
         self.tokenizer = Tokenizer(cfg.model_dir) if Tokenizer.exists(cfg.model_dir) else None
@@ -98,6 +98,12 @@ class Engine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _adapter_capacity(cfg: EngineConfig, num_pages: int) -> int | None:
+    if cfg.separate_adapter_pages is None:
+        return None
+    return max(1, int(num_pages * cfg.separate_adapter_pages))
 
 
 def check_sampling(p: SamplingParams) -> None:

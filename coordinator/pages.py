@@ -22,15 +22,43 @@ class ResidentAdapter:
 
 @dataclass
 class PagePlan:
-    """Which pages each sequence and each resident adapter holds."""
+    """Which pages each sequence and each resident adapter holds.
+
+    Unified (the default): KV and adapters draw on one free list. With `adapter_capacity`
+    the last that many pages serve adapters only and the rest KV only: S-LoRA's
+    "no-unify-mem" ablation, kept to measure what unifying buys.
+    """
 
     num_pages: int
+    adapter_capacity: int | None = None
     free: list[int] = field(init=False)
+    adapter_free: list[int] = field(init=False)
     seq_pages: dict[int, list[int]] = field(default_factory=dict)
     adapters: OrderedDict[str, ResidentAdapter] = field(default_factory=OrderedDict)  # least recently used first
 
     def __post_init__(self):
-        self.free = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low pages first
+        split = self.num_pages - (self.adapter_capacity or 0)
+        if not 0 < split <= self.num_pages:
+            raise ValueError(f"adapter_capacity {self.adapter_capacity} leaves no KV pages in a pool of {self.num_pages}")
+        self.free = list(range(split - 1, -1, -1))  # pop() hands out low pages first
+        self.adapter_free = self.free if self.adapter_capacity is None else list(range(self.num_pages - 1, split - 1, -1))
+
+    @property
+    def unified(self) -> bool:
+        return self.adapter_free is self.free
+
+    @property
+    def kv_capacity(self) -> int:
+        return self.num_pages - (self.adapter_capacity or 0)
+
+    def fits(self, kv: int, adapter: int) -> bool:
+        if self.unified:
+            return kv + adapter <= len(self.free)
+        return kv <= len(self.free) and adapter <= len(self.adapter_free)
+
+    def eviction_helps(self, kv: int, adapter: int) -> bool:
+        """Would freeing an idle adapter bring (kv, adapter) closer to fitting?"""
+        return self.unified or adapter > len(self.adapter_free)
 
     # ------------------------------------------------------------- sequences
 
@@ -56,9 +84,9 @@ class PagePlan:
         """Pages for a new resident adapter, or None if they are not free."""
         if name in self.adapters:
             raise PageAccountingError(f"adapter {name} is already resident")
-        if n > len(self.free):
+        if n > len(self.adapter_free):
             return None
-        self.adapters[name] = ResidentAdapter([self.free.pop() for _ in range(n)])
+        self.adapters[name] = ResidentAdapter([self.adapter_free.pop() for _ in range(n)])
         return self.adapters[name].pages
 
     def use_adapter(self, name: str) -> None:
@@ -76,7 +104,7 @@ class PagePlan:
         for name, entry in self.adapters.items():
             if entry.users == 0 and name != keep:
                 del self.adapters[name]
-                self.free.extend(entry.pages)
+                self.adapter_free.extend(entry.pages)
                 return name
         return None
 
@@ -86,10 +114,14 @@ class PagePlan:
         if entry is None or entry.users:
             return False
         del self.adapters[name]
-        self.free.extend(entry.pages)
+        self.adapter_free.extend(entry.pages)
         return True
 
     # ------------------------------------------------------------- accounting
+
+    @property
+    def free_pages(self) -> int:
+        return len(self.free) + (0 if self.unified else len(self.adapter_free))
 
     @property
     def kv_pages(self) -> int:
@@ -103,7 +135,8 @@ class PagePlan:
         """Raises PageAccountingError unless every page is free or has exactly one owner."""
         owners: dict[int, str] = {}
         for owner, pages in [(f"seq {s}", p) for s, p in self.seq_pages.items()] + \
-                            [(f"adapter {a}", r.pages) for a, r in self.adapters.items()] + [("free", self.free)]:
+                            [(f"adapter {a}", r.pages) for a, r in self.adapters.items()] + [("free", self.free)] + \
+                            ([] if self.unified else [("adapter free", self.adapter_free)]):
             for page in pages:
                 if not 0 <= page < self.num_pages:
                     raise PageAccountingError(f"{owner} holds page {page}, outside the pool of {self.num_pages}")
@@ -112,3 +145,10 @@ class PagePlan:
                 owners[page] = owner
         if len(owners) != self.num_pages:
             raise PageAccountingError(f"{self.num_pages - len(owners)} pages leaked")
+        if not self.unified:
+            split = self.kv_capacity
+            for a in self.adapters.values():
+                if any(p < split for p in a.pages):
+                    raise PageAccountingError("an adapter holds a KV-only page")
+            if any(p >= split for pages in self.seq_pages.values() for p in pages):
+                raise PageAccountingError("a sequence holds an adapter-only page")

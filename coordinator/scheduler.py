@@ -63,10 +63,11 @@ class Scheduler:
                 f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) = {need} "
                 f"exceeds the model's context of {self.cfg.max_model_len} tokens")
         adapter_need = self.adapter_pages.get(request.adapter, 0) if request.adapter else 0
-        if need + adapter_need > self.plan.num_pages:
+        plan = self.plan
+        if need + adapter_need > plan.num_pages or need > plan.kv_capacity or adapter_need > (plan.adapter_capacity or plan.num_pages):
             raise RequestTooLarge(
                 f"the request needs {need} KV pages + {adapter_need} adapter pages, the pool has only "
-                f"{self.plan.num_pages}; lower max_new_tokens or raise --pool-bytes")
+                f"{plan.num_pages}; lower max_new_tokens or raise --pool-bytes")
         if len(request.prompt_ids) > self.cfg.max_batched_tokens:
             raise RequestTooLarge(
                 f"the prompt has {len(request.prompt_ids)} tokens, more than max_batched_tokens "
@@ -130,7 +131,7 @@ class Scheduler:
             if pages is not None:
                 seq.computed = seq.total_len
                 return pages[0]
-            if self._evict_adapter():
+            if self.plan.unified and self._evict_adapter():
                 continue
             victim = self.running[-1]  # the newest running sequence gives its pages back
             self._preempt(victim)
@@ -142,10 +143,10 @@ class Scheduler:
         if len(tokens) > budget and self.running:
             return None
         adapter_new = seq.adapter is not None and not self.plan.is_resident(seq.adapter)
-        need = len(tokens) + (self.adapter_pages[seq.adapter] if adapter_new else 0)
-        reserve = len(self.running)  # keep one decode page for each running sequence
-        while len(self.plan.free) < need + reserve:
-            if not self._evict_adapter(keep=seq.adapter):
+        kv_need = len(tokens) + len(self.running)  # and keep one decode page for each running sequence
+        adapter_need = self.adapter_pages[seq.adapter] if adapter_new else 0
+        while not self.plan.fits(kv_need, adapter_need):
+            if not (self.plan.eviction_helps(kv_need, adapter_need) and self._evict_adapter(keep=seq.adapter)):
                 return None
         if adapter_new:
             step.load_adapters[seq.adapter] = self.plan.place_adapter(seq.adapter, self.adapter_pages[seq.adapter])

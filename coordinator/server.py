@@ -392,7 +392,7 @@ class LoraFleetServer:
             for lp in self.loops:
                 plan = lp.engine.scheduler.plan
                 self.metrics.observe_replica(lp.index, len(lp.engine.scheduler.waiting), len(lp.engine.scheduler.running),
-                                             plan.kv_pages, plan.adapter_pages, len(plan.free))
+                                             plan.kv_pages, plan.adapter_pages, plan.free_pages)
                 if lp.error is not None:
                     await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
             pooled = set().union(*(set(lp.engine.scheduler.plan.adapters) for lp in self.loops))

@@ -99,3 +99,15 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny_models, tiny_adapters
     assert alone == crowded
     assert alone != generate(make_engine(model, adapters_root(tiny_adapters)), [("r16_all", [9, 8, 7], 12)])[0]
     assert torch.tensor(alone).unique().numel() > 1
+
+
+def test_separate_pools_ablation_is_exact(tiny_models, tiny_adapters):
+    """S-LoRA's no-unify-mem ablation (adapters in their own part of the pool) changes memory use, not tokens."""
+    model = tiny_models["llama_gqa"]
+    rng = random.Random(4)
+    requests = [(a, _prompt(rng, 8), 10) for a in ("r16_all", "r8_mlp", None, "r3_attn", "r2_q")]
+    unified = generate(make_engine(model, adapters_root(tiny_adapters)), requests)
+    engine = make_engine(model, adapters_root(tiny_adapters), separate_adapter_pages=0.5)
+    assert not engine.scheduler.plan.unified
+    assert generate(engine, requests) == unified
+    engine.scheduler.plan.check()

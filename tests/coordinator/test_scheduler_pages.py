@@ -63,11 +63,13 @@ op = st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(op, min_size=1, max_size=80), num_pages=st.integers(20, 60), seed=st.integers(0, 2**16))
-def test_pages_never_shared_or_leaked(ops, num_pages, seed):
+@given(ops=st.lists(op, min_size=1, max_size=80), num_pages=st.integers(20, 60), seed=st.integers(0, 2**16),
+       adapter_capacity=st.one_of(st.none(), st.integers(8, 16)))
+def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity):
+    """Unified pool, and the separate-pools ablation (adapter_capacity pages for adapters only)."""
     rng = random.Random(seed)
     sched = Scheduler(SchedulerConfig(max_num_seqs=6, max_batched_tokens=24, max_model_len=64),
-                      PagePlan(num_pages), eos_ids=(EOS,), adapter_pages=dict(ADAPTER_PAGES))
+                      PagePlan(num_pages, adapter_capacity), eos_ids=(EOS,), adapter_pages=dict(ADAPTER_PAGES))
     mirror, seqs = WorkerMirror(), []
 
     def run_step():
@@ -99,7 +101,7 @@ def test_pages_never_shared_or_leaked(ops, num_pages, seed):
     assert all(a.users == 0 for a in sched.plan.adapters.values())
     while sched.plan.evict_idle_adapter():
         pass
-    assert len(sched.plan.free) == num_pages
+    assert sched.plan.free_pages == num_pages
 
 
 def test_preemption_requeues_and_recomputes():
