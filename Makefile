@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 50051
 METRICS_PORT ?= 9400
 
-.PHONY: install serve test demo bench clean
+.PHONY: install serve test demo bench bench-offline clean
 
 PROTO := proto/lorafleet/v1/lorafleet.proto
 STUBS := proto/lorafleet/v1/lorafleet_pb2_grpc.py
@@ -42,7 +42,13 @@ test: install demo
 	HF_HUB_OFFLINE=1 LORAFLEET_DEMO_MODEL=$(DEMO_MODEL) LORAFLEET_DEMO_ADAPTERS=$(DEMO_ADAPTERS) \
 		$(BIN)/python -m pytest -q tests
 
+# The serving benchmark of issue 6 (lorafleet vs the PEFT baseline over gRPC); writes bench/results/.
 bench: install demo
+	$(BIN)/pip install -q 'matplotlib>=3.8'
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/serving.py --model $(DEMO_MODEL)
+
+# The offline benchmark of issue 2 (lorafleet run vs PEFT, in-process).
+bench-offline: install demo
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/offline.py --model $(DEMO_MODEL)
 
 clean:
