@@ -22,6 +22,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_queue: int = 4096
+    fuse_lora_comm: bool = True  # False only for bench/tp_comm.py's comparison
     separate_adapter_pages: float | None = None  # ablation: this fraction of the pool for adapters only
     ray_address: str | None = None  # None: an embedded Ray when tp > 1
 
@@ -43,6 +44,6 @@ class EngineConfig:
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(
             model_dir=self.model_dir, dtype=self.dtype, device=self.device, pool_bytes=self.pool_bytes,
-            pool_fraction=self.pool_fraction,
+            pool_fraction=self.pool_fraction, fuse_lora_comm=self.fuse_lora_comm,
             host_cache_bytes=self.host_cache_bytes, max_lora_rank=self.max_lora_rank,
         )

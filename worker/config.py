@@ -158,6 +158,7 @@ class WorkerConfig:
     pool_fraction: float = 0.9
     host_cache_bytes: int = 2 * 2**30
     max_lora_rank: int = 256
+    fuse_lora_comm: bool = True  # False only to measure what fusing saves (bench/tp_comm.py)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -111,12 +111,22 @@ def add_column_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lora: 
     lora_expand(y, s, pool, lora, meta)
 
 
-def add_row_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch | None, group: str, comm: Comm) -> None:
-    """y (T, out) partial sum += LoRA deltas in this rank's columns of a row-parallel projection."""
+def add_row_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch | None, group: str, comm: Comm,
+                 fuse: bool = True) -> torch.Tensor | None:
+    """LoRA deltas of a row-parallel projection; y (T, out) is this rank's partial sum of the base.
+
+    fused: the deltas go into this rank's columns of y, and the base all-reduce carries them.
+    unfused (for comparison only): the deltas are all-gathered on their own; returns (T, out)
+    to add after the base all-reduce.
+    """
     if lora is None or group not in lora.groups:
-        return
+        return None
     meta = lora.groups[group]
     s = comm.all_reduce(lora_shrink(x, pool, lora, meta), kind="lora_all_reduce")
     width = meta.out_dims[0]
-    lora_expand(y[:, comm.rank * width:(comm.rank + 1) * width], s, pool, lora, meta)
+    if fuse:
+        lora_expand(y[:, comm.rank * width:(comm.rank + 1) * width], s, pool, lora, meta)
+        return None
+    mine = lora_expand(y.new_zeros(y.shape[0], width), s, pool, lora, meta)
+    return comm.all_gather_last(mine, kind="lora_output_all_gather")
 

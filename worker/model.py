@@ -51,8 +51,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, index: int, shard: Shard):
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, index: int, shard: Shard, fuse_lora_comm: bool = True):
         p = f"model.layers.{index}."
+        self.fuse = fuse_lora_comm
         h, n = cfg.hidden_size, shard.size
         self.num_heads, self.num_kv_heads = cfg.num_heads // n, cfg.num_kv_heads // n
         self.head_dim, self.eps = cfg.head_dim, cfg.rms_norm_eps
@@ -83,8 +84,9 @@ class DecoderLayer:
         write_kv(pool, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), batch.attention.slots)
         attn = paged_attention(q, pool, batch.attention, self.num_kv_heads).flatten(1)
         out = F.linear(attn, self.w_o)  # this rank's partial sum
-        add_row_lora(out, attn, pool, batch.lora, "o", comm)
-        return comm.all_reduce(out)  # sums the base partials and carries the LoRA columns
+        late = add_row_lora(out, attn, pool, batch.lora, "o", comm, self.fuse)
+        out = comm.all_reduce(out)  # sums the base partials and (fused) carries the LoRA columns
+        return out if late is None else out + late
 
     def mlp(self, x, pool, batch: ForwardBatch, comm: Comm) -> torch.Tensor:
         gate_up = F.linear(x, self.w_gate_up)
@@ -92,14 +94,15 @@ class DecoderLayer:
         gate, up = gate_up.split([self.inter, self.inter], dim=-1)
         act = F.silu(gate) * up
         out = F.linear(act, self.w_down)
-        add_row_lora(out, act, pool, batch.lora, "down", comm)
-        return comm.all_reduce(out)
+        late = add_row_lora(out, act, pool, batch.lora, "down", comm, self.fuse)
+        out = comm.all_reduce(out)
+        return out if late is None else out + late
 
 
 class LlamaModel:
     """The decoder stack with a vocabulary-parallel embedding and head."""
 
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, shard: Shard, comm: Comm):
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, shard: Shard, comm: Comm, fuse_lora_comm: bool = True):
         self.cfg, self.shard, self.comm = cfg, shard, comm
         vocab_shape = (cfg.vocab_size, cfg.hidden_size)
         self.vocab_lo, self.vocab_hi = shard.bounds(cfg.vocab_size)
@@ -111,7 +114,7 @@ class LlamaModel:
         # every rank's head has the same number of rows, so the logits all-gather is even
         part = -(-cfg.vocab_size // shard.size)
         self.lm_head = torch.cat([head, head.new_zeros(part - head.shape[0], head.shape[1])]) if head.shape[0] < part else head
-        self.layers = [DecoderLayer(cfg, ckpt, i, shard) for i in range(cfg.num_layers)]
+        self.layers = [DecoderLayer(cfg, ckpt, i, shard, fuse_lora_comm) for i in range(cfg.num_layers)]
         self.norm = ckpt.get("model.norm.weight", (cfg.hidden_size,))
         self.inv_freq = cfg.rope.inv_freq(cfg.head_dim).to(ckpt.device)
         self.dtype = ckpt.dtype
@@ -142,9 +145,10 @@ class LlamaModel:
         return emb.cos().to(self.dtype).unsqueeze(1), emb.sin().to(self.dtype).unsqueeze(1)
 
 
-def load_model(model_dir, cfg: ModelConfig, dtype: torch.dtype, device="cpu", shard: Shard = Shard(), comm: Comm | None = None) -> LlamaModel:
+def load_model(model_dir, cfg: ModelConfig, dtype: torch.dtype, device="cpu", shard: Shard = Shard(),
+               comm: Comm | None = None, fuse_lora_comm: bool = True) -> LlamaModel:
     ckpt = Checkpoint(model_dir, dtype, device)
     try:
-        return LlamaModel(cfg, ckpt, shard, comm or Comm())
+        return LlamaModel(cfg, ckpt, shard, comm or Comm(), fuse_lora_comm)
     finally:
         ckpt.close()

@@ -50,7 +50,7 @@ class Worker:
         self.model_cfg = ModelConfig.from_dir(cfg.model_dir)
         check_divisible(self.model_cfg, shard.size)
         self.device = torch.device(cfg.device)
-        self.model = load_model(cfg.model_dir, self.model_cfg, cfg.torch_dtype, self.device, shard, self.comm)
+        self.model = load_model(cfg.model_dir, self.model_cfg, cfg.torch_dtype, self.device, shard, self.comm, cfg.fuse_lora_comm)
         self.page_dim = 2 * self.model_cfg.kv_size // shard.size
         self.pool = PagePool(self.model_cfg.num_layers, self._num_pages(), self.page_dim, cfg.torch_dtype, self.device)
         self.cache = HostAdapterCache(cfg.host_cache_bytes)

@@ -127,3 +127,17 @@ def test_group_leaves_nothing_behind(tiny_models):
     assert not os.path.exists(ray_dir)
     if was_running:
         init_ray(None, num_cpus=4)
+
+
+def test_unfused_lora_communication_is_exact_but_costs_more(tp_setup):
+    """The comparison path of bench/tp_comm.py: LoRA outputs all-gathered on their own."""
+    model, root, requests, join_at, reference = tp_setup
+    engine = make_engine(model, root, tp=2, fuse_lora_comm=False)
+    try:
+        assert generate(engine, requests[:4], join_at[:4]) == reference[:4]
+        counts = _one_step_counts(engine, "r3_all", 5)
+        calls, tokens, hidden, tp = 2 * 2, 5, 64, 2  # o and down in each of 2 layers
+        assert counts["lora_output_all_gather"] == {"calls": calls, "elements": calls * tokens * hidden // tp}
+        assert counts["all_reduce"]["calls"] == 4
+    finally:
+        engine.shutdown()
