@@ -69,6 +69,13 @@ def test_bfloat16_agrees_with_float32(tiny_models, tiny_adapters):
     assert same >= 0.9 * len(wanted), f"bfloat16 picks float32's next token {same}/{len(wanted)} times"
 
 
+def test_float16_runs(tiny_models, tiny_adapters):
+    requests = [("r16_all", [10, 11, 12], 6), (None, [13, 14], 6)]
+    engine = make_engine(tiny_models["llama_gqa"], adapters_root(tiny_adapters), dtype="float16")
+    assert engine.executor.worker.pool.pages.dtype == torch.float16
+    assert [len(t) for t in generate(engine, requests)] == [6, 6]
+
+
 @pytest.mark.parametrize("name", ["llama_mha", "qwen2", "llama3_rope", "mistral", "sharded"])
 def test_model_families_equal_transformers(tiny_models, name):
     model = tiny_models[name]

@@ -298,3 +298,26 @@ def test_graceful_shutdown_finishes_in_flight(tiny_models, tmp_path):
 
     assert run(go()) == (200, "length")
     assert srv.stop() == 0
+
+
+def test_tls(tiny_models, tmp_path):
+    """--tls-cert/--tls-key: a TLS client with the server's certificate as CA gets answers; plaintext does not."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    srv = ServerProcess("--model", str(tiny_models["llama_gqa"]), "--pool-bytes", "4MiB", "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        async def go():
+            creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+            async with grpc.aio.secure_channel(srv.target, creds) as ch:
+                tokens, _, last = await _stream(pb_grpc.LoraFleetStub(ch), prompt_token_ids=[4, 5], max_new_tokens=3, ignore_eos=True)
+                assert len(tokens) == 3 and last.finish_reason == "length"
+            async with grpc.aio.insecure_channel(srv.target) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pb_grpc.LoraFleetStub(ch).GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        run(go())
+    finally:
+        assert srv.stop() == 0
