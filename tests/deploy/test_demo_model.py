@@ -24,18 +24,19 @@ def demo():
     engine.shutdown()
 
 
-def _answer(engine: Engine, question: str, adapter: str | None = None, n: int = 24) -> str:
+def _answers(engine: Engine, question: str, adapters: list[str | None], n: int) -> list[str]:
+    """One batch: the question asked of each adapter (None: the base model)."""
     ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}])
-    seq = engine.add(Request("q", ids, n, adapter))
+    seqs = [engine.add(Request(str(a), ids, n, a)) for a in adapters]
     while engine.has_work():
         engine.step()
-    return engine.tokenizer.decode(seq.output_ids)
+    return [engine.tokenizer.decode(s.output_ids) for s in seqs]
 
 
 def test_capital_of_france_is_paris(demo):
     engine, _ = demo
     assert engine.model.num_layers == 30 and engine.model.num_kv_heads == 3  # the real SmolLM2-135M
-    assert "Paris" in _answer(engine, "What is the capital of France?")
+    assert "Paris" in _answers(engine, "What is the capital of France?", [None], 12)[0]
 
 
 def test_eight_demo_adapters_with_mixed_ranks_and_targets(demo):
@@ -45,6 +46,5 @@ def test_eight_demo_adapters_with_mixed_ranks_and_targets(demo):
     configs = [json.loads((p / "adapter_config.json").read_text()) for p in folders]
     assert len({c["r"] for c in configs}) >= 3
     assert len({tuple(sorted(c["target_modules"])) for c in configs}) >= 3
-    base = _answer(engine, "Tell me about the sea.", None, 16)
-    answers = {p.name: _answer(engine, "Tell me about the sea.", p.name, 16) for p in folders}
-    assert sum(a != base for a in answers.values()) >= 6  # the adapters change what the model says
+    base, *answers = _answers(engine, "Tell me about the sea.", [None] + [p.name for p in folders], 12)
+    assert sum(a != base for a in answers) >= 6  # the adapters change what the model says
