@@ -38,8 +38,10 @@ $(DEMO_MODEL)/config.json: | $(STAMP)
 serve: install demo
 	HF_HUB_OFFLINE=1 $(BIN)/lorafleet serve --model $(DEMO_MODEL) --adapters $(DEMO_ADAPTERS) --port $(PORT) --metrics-port $(METRICS_PORT)
 
+# OMP_WAIT_POLICY=PASSIVE: test servers, Ray workers and the test process share 2 cores; spinning
+# OpenMP threads would slow each other down many times over.
 test: install demo
-	HF_HUB_OFFLINE=1 LORAFLEET_DEMO_MODEL=$(DEMO_MODEL) LORAFLEET_DEMO_ADAPTERS=$(DEMO_ADAPTERS) \
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 LORAFLEET_DEMO_MODEL=$(DEMO_MODEL) LORAFLEET_DEMO_ADAPTERS=$(DEMO_ADAPTERS) \
 		$(BIN)/python -m pytest -q tests
 
 # The serving benchmark of issue 6 (lorafleet vs the PEFT baseline over gRPC); writes bench/results/.
