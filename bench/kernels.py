@@ -80,7 +80,7 @@ def loop_over_requests(x, y, pool, batch, group):
         for g, (out_dim, col) in enumerate(zip(group.out_dims, group.out_offsets)):
             r, ao, bo = ranks[a][g], a_offset[a][g], b_offset[a][g]
             a_g = vec[ao:ao + r * group.in_dim].view(r, group.in_dim)
-            b_g = vec[bo:bo + out_dim * r].view(out_dim, r)
+            b_g = vec[bo:bo + out_dim * r].view(r, out_dim).T  # stored transposed
             y[t, col:col + out_dim] += scale[a][g] * (b_g @ (a_g @ x[t]))
     return y
 
@@ -101,7 +101,7 @@ def padded_bmm(x, y, pool, batch, group):
         for g, out_dim in enumerate(group.out_dims):
             r, ao, bo = ranks[a][g], a_offset[a][g], b_offset[a][g]
             a_pad[a, g * r_max:g * r_max + r] = vec[ao:ao + r * in_dim].view(r, in_dim)
-            b_pad[g][a, :, :r] = vec[bo:bo + out_dim * r].view(out_dim, r)
+            b_pad[g][a, :, :r] = vec[bo:bo + out_dim * r].view(r, out_dim).T
     tokens = batch.token_adapter
     s = torch.bmm(x.unsqueeze(1), a_pad[tokens].transpose(1, 2)).view(-1, num_targets, r_max)  # (T, G, r_max)
     for g, (out_dim, col) in enumerate(zip(group.out_dims, group.out_offsets)):

@@ -3,12 +3,15 @@
 Each adapter's weights for one layer are one flat vector chunked into pool pages
 (`pool[page_table[a]].reshape(-1)` is adapter `a`'s vector, padded to whole pages).
 Inside it, target `g` of a group has A_g at `a_offset[a, g]` (rank_g x in_dim,
-row-major) and B_g at `b_offset[a, g]` (out_g x rank_g, row-major). The targets of
+row-major) and B_g transposed at `b_offset[a, g]` (rank_g x out_g, row-major: row i
+of B_g^T is column i of B_g). The targets of
 a group share one input (q+k+v, o, gate+up, down) and are shrunk in one launch.
 
-The torch reference below is also the CPU path. It never loops over tokens: it
-buckets the step's adapters by identical layout and similar token counts, gathers
-each bucket's pages in one copy, views them as (n, rank, in) and runs `torch.bmm`.
+The torch reference below is the spec that the Triton kernels (CUDA) and the C
+kernels (cpu_lora.c, the CPU path) are tested against, and the CPU fallback when no
+C compiler is found. It never loops over tokens: it buckets the step's adapters by
+identical layout and similar token counts, gathers each bucket's pages in one copy,
+views them as (n, rank, in) and runs `torch.bmm`.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import cpu_lora
 
 @dataclass
 class LoraGroup:
@@ -29,7 +33,7 @@ class LoraGroup:
     max_rank: R, the padded width of the shrink output.
     shards: N, the tensor-parallel ranks whose shrink outputs were all-gathered (column-parallel
         groups under TP; 1 otherwise). Then s is (T, G, N * R), rank-major, and B_g has N * r
-        columns: column j * r + i of B_g multiplies s[t, g, j * R + i].
+        columns: column j * r + i of B_g (row j * r + i of the stored B_g^T) multiplies s[t, g, j * R + i].
     """
 
     in_dim: int
@@ -41,6 +45,7 @@ class LoraGroup:
     max_rank: int
     shards: int = 1
     _plan: list["_Bucket"] | None = field(default=None, repr=False)
+    _cpu_args: object = field(default=None, repr=False)  # cpu_lora.GroupArgs, built on first use
 
     @property
     def out_offsets(self) -> list[int]:
@@ -65,6 +70,7 @@ class LoraBatch:
     token_adapter: torch.Tensor
     page_table: torch.Tensor
     groups: dict[str, LoraGroup]
+    _cpu_segments: object = field(default=None, repr=False)  # cpu_lora.Segments, built on first use
 
 
 def lora_shrink(x: torch.Tensor, pool: torch.Tensor, batch: LoraBatch, group: LoraGroup) -> torch.Tensor:
@@ -77,6 +83,8 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, batch: LoraBatch, group: Lo
         from . import triton_lora
 
         return triton_lora.shrink(x, pool, batch, group)
+    if cpu_lora.usable(x):
+        return cpu_lora.shrink(x, pool, batch, group)
     return _shrink_reference(x, pool, batch, group)
 
 
@@ -96,6 +104,8 @@ def lora_expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch: Lor
         from . import triton_lora
 
         return triton_lora.expand(y, s, pool, batch, group)
+    if cpu_lora.usable(y):
+        return cpu_lora.expand(y, s.to(y.dtype), pool, batch, group)
     return _expand_reference(y, s, pool, batch, group)
 
 
@@ -212,9 +222,9 @@ def _expand_reference(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batc
             if not r:
                 continue
             out_dim, col = group.out_dims[g], group.out_offsets[g]
-            b_g = weights[:, off - base:off - base + out_dim * r * shards].reshape(n, out_dim, r * shards)
+            b_t = weights[:, off - base:off - base + out_dim * r * shards].reshape(n, r * shards, out_dim)  # B_g^T
             s_g = s[b.tokens, g, :, :r].reshape(n, -1, shards * r)
-            delta = torch.bmm(s_g, b_g.transpose(1, 2))
+            delta = torch.bmm(s_g, b_t)
             delta = delta * b.scale[:, g].to(delta.dtype).reshape(n, 1, 1)
             y[:, col:col + out_dim].index_add_(0, b.flat_tokens, delta.reshape(-1, out_dim)[b.valid])
     return y

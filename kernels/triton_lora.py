@@ -305,8 +305,8 @@ def _expand_segment_kernel(
         c_ok = c < shards * rank
         s_cols = g * s_width + (c // rank) * max_rank + c % rank
         s = tl.load(s_ptr + rows[:, None] * (num_targets * s_width) + s_cols[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        b_t = _gather(  # (BLOCK_R, BLOCK_N) tile of B_g.T
-            pool_ptr, page_table_ptr, adapter, b_offset + n[None, :] * (shards * rank) + c[:, None],
+        b_t = _gather(  # (BLOCK_R, BLOCK_N) tile of B_g.T, stored row-major: coalesced along n
+            pool_ptr, page_table_ptr, adapter, b_offset + c[:, None] * out_dim + n[None, :],
             c_ok[:, None] & n_ok[None, :], max_pages, PAGE_DIM,
         )
         acc += tl.dot(_operand(s, UPCAST), _operand(b_t, UPCAST), input_precision="ieee")
@@ -344,8 +344,8 @@ def _expand_token_kernel(
         c_ok = c < shards * rank
         s_cols = g * s_width + (c // rank) * max_rank + c % rank
         s = tl.load(s_ptr + t.to(tl.int64) * (num_targets * s_width) + s_cols, mask=c_ok, other=0.0)
-        b = _gather(  # (BLOCK_N, BLOCK_R) tile of B_g
-            pool_ptr, page_table_ptr, adapter, b_offset + n[:, None] * (shards * rank) + c[None, :],
+        b = _gather(  # (BLOCK_N, BLOCK_R) tile of B_g (B_g.T is what is stored)
+            pool_ptr, page_table_ptr, adapter, b_offset + c[None, :] * out_dim + n[:, None],
             n_ok[:, None] & c_ok[None, :], max_pages, PAGE_DIM,
         )
         acc += tl.sum(b.to(tl.float32) * s.to(tl.float32)[None, :], axis=1)

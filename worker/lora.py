@@ -3,8 +3,10 @@ two ways a LoRA delta joins a sharded projection (DESIGN.md, the TP table).
 
 Packing: for each layer, one flat vector per rank, group by group
     [A_q A_k A_v | B_q B_k B_v] [A_o | B_o] [A_gate A_up | B_gate B_up] [A_down | B_down]
-(targets the adapter lacks are left out), padded to whole pages. The layout is the
-same in every layer, so one page list serves them all.
+(targets the adapter lacks are left out), padded to whole pages. A is stored (r, in)
+row-major and B transposed, (r, out) row-major, so both ops read whole contiguous rows:
+the shrink dots a row of A with x, the expand adds s_i times a row of B^T to y. The
+layout is the same in every layer, so one page list serves them all.
 
 Sharding, for a group of N ranks:
 - column-parallel targets (q, k, v, gate, up): A split on r (r padded to a multiple of N,
@@ -79,27 +81,45 @@ def plan_layout(ranks: dict[str, int], scales: dict[str, float], cfg: ModelConfi
 
 
 def pack_adapter(lora: LoraWeights, layout: AdapterLayout, cfg: ModelConfig, shard: Shard, page_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """This rank's shard of every layer, ready to copy into pages: (layers, num_pages, page_dim)."""
-    flat = torch.zeros(cfg.num_layers, layout.num_pages * page_dim, dtype=dtype)
-    for (layer, target), (a, b) in lora.weights.items():
-        slot = layout.slots[target]
-        a_part, b_part = _shard_pair(target, a, b, slot.rank, shard)
-        flat[layer, slot.a_offset:slot.a_offset + a_part.numel()] = a_part.reshape(-1).to(dtype)
-        flat[layer, slot.b_offset:slot.b_offset + b_part.numel()] = b_part.reshape(-1).to(dtype)
+    """This rank's shard of every layer, ready to copy into pages: (layers, num_pages, page_dim).
+
+    Each weight is copied (and cast) once, straight into its place; only what no weight
+    covers (rank padding, targets a layer lacks, the last page's tail) is zeroed.
+    """
+    flat = torch.empty(cfg.num_layers, layout.num_pages * page_dim, dtype=dtype)
+    flat[:, layout.length:].zero_()
+    for target, slot in layout.slots.items():
+        a_rows, a_cols = slot.rank, shard_dims(cfg, target, shard)[1]
+        b_rows = shard_dims(cfg, target, shard)[0]
+        b_cols = slot.rank * (1 if target in ROW_PARALLEL else shard.size)
+        for layer in range(cfg.num_layers):
+            a_dst = flat[layer, slot.a_offset:slot.a_offset + a_rows * a_cols].view(a_rows, a_cols)
+            b_dst = flat[layer, slot.b_offset:slot.b_offset + b_rows * b_cols].view(b_cols, b_rows).t()  # B^T stored
+            pair = lora.weights.get((layer, target))
+            if pair is None:
+                a_dst.zero_()
+                b_dst.zero_()
+            else:
+                _copy_shard(target, pair[0], pair[1], a_dst, b_dst, shard)
     return flat.view(cfg.num_layers, layout.num_pages, page_dim)
 
 
-def _shard_pair(target: str, a: torch.Tensor, b: torch.Tensor, rank_shard: int, shard: Shard):
+def _copy_shard(target: str, a: torch.Tensor, b: torch.Tensor, a_dst: torch.Tensor, b_dst: torch.Tensor, shard: Shard) -> None:
+    """Writes this rank's part of A (r, in) and B (out, r) into a_dst and b_dst, zero-padding the rank."""
     n, i = shard.size, shard.rank
-    if target in ROW_PARALLEL:
-        in_part = a.shape[1] // n
-        out_part = b.shape[0] // n
-        return a[:, i * in_part:(i + 1) * in_part], b[i * out_part:(i + 1) * out_part]
-    padded = rank_shard * n
-    a_pad = torch.cat([a, a.new_zeros(padded - a.shape[0], a.shape[1])])
-    b_pad = torch.cat([b, b.new_zeros(b.shape[0], padded - b.shape[1])], dim=1)
     out_part = b.shape[0] // n
-    return a_pad[i * rank_shard:(i + 1) * rank_shard], b_pad[i * out_part:(i + 1) * out_part]
+    if target in ROW_PARALLEL:  # A split on in, B on out
+        in_part = a.shape[1] // n
+        a_dst.copy_(a[:, i * in_part:(i + 1) * in_part])
+        b_dst.copy_(b[i * out_part:(i + 1) * out_part])
+        return
+    # column-parallel: r padded to rank_shard * n; this rank holds rows [i * rank_shard, (i + 1) * rank_shard) of A
+    r, rank_shard = a.shape[0], a_dst.shape[0]
+    real = max(0, min(rank_shard, r - i * rank_shard))
+    a_dst[:real].copy_(a[i * rank_shard:i * rank_shard + real])
+    a_dst[real:].zero_()
+    b_dst[:, :r].copy_(b[i * out_part:(i + 1) * out_part])
+    b_dst[:, r:].zero_()
 
 
 def add_column_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch | None, group: str, comm: Comm) -> None:

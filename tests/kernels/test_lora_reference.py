@@ -49,7 +49,7 @@ def naive_expand(case, s: torch.Tensor) -> torch.Tensor:
         for g, (out_dim, col) in enumerate(zip(group.out_dims, group.out_offsets)):
             r, off = int(group.rank[a, g]), int(group.b_offset[a, g])
             if r:
-                b_g = vec[off : off + out_dim * shards * r].reshape(out_dim, shards * r)
+                b_g = vec[off : off + out_dim * shards * r].reshape(shards * r, out_dim).T  # stored transposed
                 s_g = torch.cat([s[t, g, j * width : j * width + r] for j in range(shards)]).double()
                 y[t, col : col + out_dim] += float(group.scale[a, g]) * (s_g @ b_g.T)
     return y

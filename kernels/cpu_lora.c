@@ -1,0 +1,165 @@
+/* Batched LoRA on the CPU, reading A and B straight from the page pool.
+ *
+ * The same two ops as kernels/lora.py (whose torch reference is the spec), for the
+ * CPU path: no gather of adapter pages into a scratch copy and no padding to a
+ * bucket's rank, so each adapter's weights are read once per step, in place.
+ *
+ * Layout (kernels/lora.py): adapter a's weights for one layer are one flat vector
+ * chunked into pages; element e sits at pool[page_table[a][e / D]][e % D]. Target g
+ * has A_g (rank x in_dim, row-major) at a_offset[a][g] and B_g (out_g x shards*rank)
+ * at b_offset[a][g]. A row may cross pages, so rows are walked in pieces that stay
+ * inside one page.
+ *
+ * Work is split into segments: runs of tokens of one adapter (`order` lists the
+ * token rows grouped by adapter; segment k is order[seg_start[k] .. seg_start[k+1])).
+ * Each piece of a weight row is read once per segment and applied to all its tokens,
+ * so a prefill reuses the row from L1 and a decode token costs one pass over its
+ * adapter. Segments write disjoint token rows, so they run in parallel (OpenMP).
+ *
+ * Accumulation is in float32 for every storage type; results are rounded once.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+typedef _Float16 f16;
+
+static inline float load_f32(const float *p) { return *p; }
+static inline void store_f32(float *p, float v) { *p = v; }
+
+static inline float load_bf16(const bf16 *p) {
+    uint32_t u = (uint32_t)(*p) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline void store_bf16(bf16 *p, float v) {  /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        *p = (bf16)((u >> 16) | 0x40u);  /* quiet NaN */
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    *p = (bf16)(u >> 16);
+}
+
+static inline float load_f16(const f16 *p) { return (float)(*p); }
+static inline void store_f16(f16 *p, float v) { *p = (f16)v; }
+
+/* A walk along one adapter's flat vector, page by page: `at` points at element `e`, and
+ * `left` elements remain in its page. Divisions happen once per block, not per row. */
+typedef struct {
+    const int64_t *table;
+    int64_t page_dim, page, left;
+} cursor;
+
+static inline cursor cursor_at(const int64_t *table, int64_t page_dim, int64_t e) {
+    cursor c = {table, page_dim, e / page_dim, page_dim - e % page_dim};
+    return c;
+}
+
+#define CURSOR_PTR(T, pool, c) ((pool) + (c).table[(c).page] * (c).page_dim + ((c).page_dim - (c).left))
+
+static inline void cursor_advance(cursor *c, int64_t n) {
+    c->left -= n;
+    if (c->left == 0) {
+        c->page++;
+        c->left = c->page_dim;
+    }
+}
+
+#define DEFINE_LORA(T, SUFFIX)                                                                                  \
+void lora_shrink_##SUFFIX(                                                                                      \
+    const T *x, int64_t x_stride, int64_t in_dim,                                                               \
+    const T *pool, int64_t page_dim, const int64_t *page_table, int64_t max_pages,                              \
+    const int64_t *order, const int64_t *seg_start, const int64_t *seg_adapter, int64_t num_segs,               \
+    const int64_t *a_offset, const int64_t *rank, int64_t num_targets,                                          \
+    T *s, int64_t max_rank, int64_t threads)                                                                    \
+{                                                                                                               \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")       \
+    for (int64_t k = 0; k < num_segs; k++) {                                                                    \
+        const int64_t a = seg_adapter[k], first = seg_start[k], n = seg_start[k + 1] - first;                   \
+        float *acc = malloc(sizeof(float) * n);                                                                 \
+        for (int64_t g = 0; g < num_targets; g++) {                                                             \
+            const int64_t r = rank[a * num_targets + g];                                                        \
+            if (r <= 0) continue;                                                                               \
+            cursor cur = cursor_at(page_table + a * max_pages, page_dim, a_offset[a * num_targets + g]);        \
+            for (int64_t j = 0; j < r; j++) {                                                                   \
+                for (int64_t i = 0; i < n; i++) acc[i] = 0.0f;                                                  \
+                for (int64_t col = 0; col < in_dim;) {                                                          \
+                    const int64_t len = cur.left < in_dim - col ? cur.left : in_dim - col;                      \
+                    const T *w = CURSOR_PTR(T, pool, cur);                                                      \
+                    for (int64_t i = 0; i < n; i++) {                                                           \
+                        const T *xt = x + order[first + i] * x_stride + col;                                    \
+                        float sum = 0.0f;                                                                       \
+                        _Pragma("omp simd reduction(+:sum)")                                                    \
+                        for (int64_t c = 0; c < len; c++) sum += load_##SUFFIX(xt + c) * load_##SUFFIX(w + c);  \
+                        acc[i] += sum;                                                                          \
+                    }                                                                                           \
+                    cursor_advance(&cur, len);                                                                  \
+                    col += len;                                                                                 \
+                }                                                                                               \
+                for (int64_t i = 0; i < n; i++)                                                                 \
+                    store_##SUFFIX(s + (order[first + i] * num_targets + g) * max_rank + j, acc[i]);            \
+            }                                                                                                   \
+        }                                                                                                       \
+        free(acc);                                                                                              \
+    }                                                                                                           \
+}                                                                                                               \
+                                                                                                                \
+void lora_expand_##SUFFIX(                                                                                      \
+    T *y, int64_t y_stride, const int64_t *out_offset, const int64_t *out_dim,                                  \
+    const T *s, int64_t max_rank, int64_t shards,                                                               \
+    const T *pool, int64_t page_dim, const int64_t *page_table, int64_t max_pages,                              \
+    const int64_t *order, const int64_t *seg_start, const int64_t *seg_adapter, int64_t num_segs,               \
+    const int64_t *b_offset, const int64_t *rank, const float *scale, int64_t num_targets, int64_t threads)     \
+{                                                                                                               \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")       \
+    for (int64_t k = 0; k < num_segs; k++) {                                                                    \
+        const int64_t a = seg_adapter[k], first = seg_start[k], n = seg_start[k + 1] - first;                   \
+        for (int64_t g = 0; g < num_targets; g++) {                                                             \
+            const int64_t r = rank[a * num_targets + g];                                                        \
+            if (r <= 0) continue;                                                                               \
+            const int64_t width = shards * r, out = out_dim[g];                                                 \
+            const float sc = scale[a * num_targets + g];                                                        \
+            /* each token's shrink output, the shards side by side: v[j * r + c] = s[t, g, j * R + c] */        \
+            float *v = malloc(sizeof(float) * n * width), *acc = malloc(sizeof(float) * n * out);               \
+            for (int64_t i = 0; i < n; i++) {                                                                   \
+                const T *st = s + (order[first + i] * num_targets + g) * shards * max_rank;                     \
+                for (int64_t j = 0; j < shards; j++)                                                            \
+                    for (int64_t c = 0; c < r; c++) v[i * width + j * r + c] = load_##SUFFIX(st + j * max_rank + c); \
+            }                                                                                                   \
+            /* B_g^T is stored: row c (out_g long, contiguous) is added, times v[c], to each token's */ \
+            /* delta, so every inner loop is a long vectorised axpy and each weight is read once.     */ \
+            for (int64_t i = 0; i < n * out; i++) acc[i] = 0.0f;                                                \
+            cursor cur = cursor_at(page_table + a * max_pages, page_dim, b_offset[a * num_targets + g]);        \
+            for (int64_t c = 0; c < width; c++) {                                                               \
+                for (int64_t o = 0; o < out;) { /* one row of B_g^T, in pieces that stay in one page */         \
+                    const int64_t len = cur.left < out - o ? cur.left : out - o;                                \
+                    const T *w = CURSOR_PTR(T, pool, cur);                                                      \
+                    for (int64_t i = 0; i < n; i++) {                                                           \
+                        const float vc = v[i * width + c];                                                      \
+                        float *d = acc + i * out + o;                                                           \
+                        _Pragma("omp simd")                                                                     \
+                        for (int64_t k = 0; k < len; k++) d[k] += vc * load_##SUFFIX(w + k);                    \
+                    }                                                                                           \
+                    cursor_advance(&cur, len);                                                                  \
+                    o += len;                                                                                   \
+                }                                                                                               \
+            }                                                                                                   \
+            for (int64_t i = 0; i < n; i++) {                                                                   \
+                T *yt = y + order[first + i] * y_stride + out_offset[g];                                        \
+                const float *d = acc + i * out;                                                                 \
+                for (int64_t o = 0; o < out; o++) store_##SUFFIX(yt + o, load_##SUFFIX(yt + o) + d[o] * sc);    \
+            }                                                                                                   \
+            free(v);                                                                                            \
+            free(acc);                                                                                          \
+        }                                                                                                       \
+    }                                                                                                           \
+}
+
+DEFINE_LORA(float, f32)
+DEFINE_LORA(bf16, bf16)
+DEFINE_LORA(f16, f16)

@@ -1,0 +1,205 @@
+"""The CPU path of the LoRA ops: cpu_lora.c, compiled once per machine and called with ctypes.
+
+`lora_shrink` / `lora_expand` (kernels/lora.py) send CPU tensors here. The torch
+reference in kernels/lora.py stays the spec: the tests check this path against it.
+The library is built by `make install` (`python -m lorafleet.kernels.cpu_lora`) into
+a cache keyed by the source, the flags and the CPU, and again on first use if that
+key is missing. Without a C compiler the ops fall back to the torch reference (a
+warning says so once); nothing else changes.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_lora.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failed: str | None = None
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's flags (a library built elsewhere may not run here)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def library_path() -> Path:
+    root = Path(os.environ.get("LORAFLEET_KERNEL_CACHE") or Path.home() / ".cache" / "lorafleet" / "kernels")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    return root / f"cpu_lora-{key}.so"
+
+
+def build() -> Path:
+    """Compiles cpu_lora.c unless this machine's library exists; returns its path. Raises on failure."""
+    target = library_path()
+    if target.is_file():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH; set CC")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: another process building at once gets a whole file too
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    for old in target.parent.glob("cpu_lora-*.so"):  # older sources; a process using one keeps its mapping
+        if old != target:
+            old.unlink(missing_ok=True)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, built if needed; None (after one warning) when it cannot be built."""
+    global _library, _failed
+    if _library is not None or _failed is not None:
+        return _library
+    with _lock:
+        if _library is None and _failed is None:
+            try:
+                _library = _declare(ctypes.CDLL(str(build())))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _failed = str(e)
+                log.warning("CPU LoRA kernel unavailable, using the torch reference (slower): %s", e)
+    return _library
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    for suffix in SUFFIX.values():
+        getattr(lib, f"lora_shrink_{suffix}").argtypes = [p, i, i, p, i, p, i, p, p, p, i, p, p, i, p, i, i]
+        getattr(lib, f"lora_expand_{suffix}").argtypes = [p, i, p, p, p, i, i, p, i, p, i, p, p, p, i, p, p, p, i, i]
+        getattr(lib, f"lora_shrink_{suffix}").restype = None
+        getattr(lib, f"lora_expand_{suffix}").restype = None
+    return lib
+
+
+def usable(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in SUFFIX and library() is not None
+
+
+# ---------------------------------------------------------------- per-step metadata
+
+
+@dataclass
+class Segments:
+    """The step's tokens with an adapter, grouped by adapter: segment k is rows order[start[k]:start[k+1]]."""
+
+    order: torch.Tensor
+    start: torch.Tensor
+    adapter: torch.Tensor
+
+    @staticmethod
+    def of(token_adapter: torch.Tensor, num_adapters: int) -> "Segments":
+        rows_of: dict[int, list[int]] = {}
+        for t, a in enumerate(token_adapter.tolist()):
+            if a >= 0:
+                if a >= num_adapters:
+                    raise ValueError(f"LoRA op: token {t} names adapter {a}, the page table has {num_adapters}")
+                rows_of.setdefault(a, []).append(t)
+        order, start = [], [0]
+        for rows in rows_of.values():
+            order += rows
+            start.append(len(order))
+        as_long = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+        return Segments(as_long(order), as_long(start), as_long(list(rows_of)))
+
+
+@dataclass
+class GroupArgs:
+    a_offset: torch.Tensor
+    b_offset: torch.Tensor
+    rank: torch.Tensor
+    scale: torch.Tensor
+    out_offset: torch.Tensor
+    out_dim: torch.Tensor
+
+
+def _prepare(pool: torch.Tensor, batch, group) -> tuple[Segments, GroupArgs]:
+    """Built once per step (cached on the batch and group) and checked, so the C code never reads outside the pool."""
+    if batch._cpu_segments is None:
+        if not batch.page_table.is_contiguous() or batch.page_table.dtype != torch.int64:
+            batch.page_table = batch.page_table.to(torch.int64).contiguous()
+        table = batch.page_table
+        if table.numel() and (int(table.min()) < 0 or int(table.max()) >= pool.shape[0]):
+            raise ValueError(f"LoRA op: the adapter page table points outside the pool's {pool.shape[0]} pages")
+        batch._cpu_segments = Segments.of(batch.token_adapter, table.shape[0])
+    if group._cpu_args is None:
+        rank = group.rank.contiguous()
+        out_dims = torch.tensor(group.out_dims, dtype=torch.int64)
+        a_end = group.a_offset + rank * group.in_dim
+        b_end = group.b_offset + rank * group.shards * out_dims
+        room = batch.page_table.shape[1] * pool.shape[1]
+        if bool(((rank > 0) & ((a_end > room) | (b_end > room) | (group.a_offset < 0) | (group.b_offset < 0))).any()):
+            raise ValueError("LoRA op: a target's A or B reaches past its adapter's pages")
+        group._cpu_args = GroupArgs(
+            group.a_offset.contiguous(), group.b_offset.contiguous(), rank, group.scale.float().contiguous(),
+            torch.tensor(group.out_offsets, dtype=torch.int64), out_dims,
+        )
+    return batch._cpu_segments, group._cpu_args
+
+
+# ---------------------------------------------------------------- the ops
+
+
+def shrink(x: torch.Tensor, pool: torch.Tensor, batch, group) -> torch.Tensor:
+    """As kernels.lora.lora_shrink, for CPU tensors (checked there)."""
+    seg, args = _prepare(pool, batch, group)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    num_targets = len(group.out_dims)
+    s = x.new_zeros(x.shape[0], num_targets, group.max_rank)
+    fn = getattr(library(), f"lora_shrink_{SUFFIX[x.dtype]}")
+    fn(x.data_ptr(), x.stride(0), group.in_dim,
+       pool.data_ptr(), pool.shape[1], batch.page_table.data_ptr(), batch.page_table.shape[1],
+       seg.order.data_ptr(), seg.start.data_ptr(), seg.adapter.data_ptr(), seg.adapter.numel(),
+       args.a_offset.data_ptr(), args.rank.data_ptr(), num_targets,
+       s.data_ptr(), group.max_rank, torch.get_num_threads())
+    return s
+
+
+def expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch, group) -> torch.Tensor:
+    """As kernels.lora.lora_expand, for CPU tensors (checked there); y may be a column slice."""
+    seg, args = _prepare(pool, batch, group)
+    if y.stride(1) != 1:
+        raise ValueError(f"lora_expand: y's columns must be adjacent (stride {y.stride(1)})")
+    s = s.contiguous()
+    fn = getattr(library(), f"lora_expand_{SUFFIX[y.dtype]}")
+    fn(y.data_ptr(), y.stride(0), args.out_offset.data_ptr(), args.out_dim.data_ptr(),
+       s.data_ptr(), group.max_rank, group.shards,
+       pool.data_ptr(), pool.shape[1], batch.page_table.data_ptr(), batch.page_table.shape[1],
+       seg.order.data_ptr(), seg.start.data_ptr(), seg.adapter.data_ptr(), seg.adapter.numel(),
+       args.b_offset.data_ptr(), args.rank.data_ptr(), args.scale.data_ptr(), len(group.out_dims),
+       torch.get_num_threads())
+    return y
+
+
+if __name__ == "__main__":  # make install: build now rather than on the first request
+    print(build())

@@ -1,0 +1,149 @@
+"""The C LoRA kernels of the CPU path (kernels/cpu_lora.c) equal the torch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorafleet.kernels import cpu_lora
+from lorafleet.kernels.lora import _expand_reference, _shrink_reference, lora_expand, lora_shrink
+
+TOLERANCE = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=5e-2, rtol=3e-2),
+}
+DTYPES = list(TOLERANCE)
+
+PREFILL = [(0, 37), (-1, 3), (1, 1), (2, 5), (-1, 1), (0, 1)]  # adapter 0 comes back after others
+DECODE = [(1, 1), (-1, 1), (0, 1), (2, 1), (2, 1), (-1, 1), (0, 1), (1, 1)]
+
+
+def assert_matches_reference(case, threads: int = 1) -> None:
+    tol = TOLERANCE[case.x.dtype]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        expected_s = _shrink_reference(case.x, case.pool, case.batch, case.group)
+        s = cpu_lora.shrink(case.x, case.pool, case.batch, case.group)
+        assert s.shape == expected_s.shape and s.dtype == expected_s.dtype
+        torch.testing.assert_close(s, expected_s, **tol)
+        expected_y = _expand_reference(case.y.clone(), expected_s, case.pool, case.batch, case.group)
+        y = case.y.clone()
+        assert cpu_lora.expand(y, expected_s, case.pool, case.batch, case.group) is y
+        torch.testing.assert_close(y, expected_y, **tol)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_library_builds_here_and_the_cpu_ops_use_it(make_lora_case):
+    """CI has a C compiler: a broken build must fail here, not fall back to torch unnoticed."""
+    assert cpu_lora.library() is not None, cpu_lora._failed
+    case = make_lora_case([[8, 8, 8]], [0, 0, -1])
+    assert cpu_lora.usable(case.x)
+    assert lora_shrink(case.x, case.pool, case.batch, case.group) is not None
+    assert case.batch._cpu_segments is not None  # the dispatcher took the C path
+
+
+@pytest.mark.parametrize("pattern", ["prefill", "decode"])
+@pytest.mark.parametrize("rank", [1, 8, 16, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_uniform_rank(make_lora_case, lora_tokens, dtype, rank, pattern):
+    tokens = lora_tokens(PREFILL if pattern == "prefill" else DECODE)
+    assert_matches_reference(make_lora_case([[rank] * 3] * 3, tokens, dtype=dtype, seed=rank))
+
+
+@pytest.mark.parametrize("num_adapters", [1, 5, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixed_ranks_and_missing_targets(make_lora_case, dtype, num_adapters):
+    gen = torch.Generator().manual_seed(num_adapters)
+    choices = torch.tensor([0, 1, 8, 16, 64, 128])
+    ranks = choices[torch.randint(0, len(choices), (num_adapters, 3), generator=gen)].tolist()
+    ranks[0] = [1, 0, 128]
+    tokens = torch.randint(-1, num_adapters, (23,), generator=gen).tolist()
+    assert_matches_reference(make_lora_case(ranks, tokens, dtype=dtype, layout="interleaved", seed=num_adapters))
+
+
+@pytest.mark.parametrize("page_dim", [7, 100, 1024])
+def test_rows_across_pages_rank_256_and_wide_outputs(make_lora_case, lora_tokens, page_dim):
+    """Rows of A and B^T start and end anywhere in a page, or span several pages."""
+    tokens = lora_tokens([(0, 20), (-1, 2), (1, 9), (0, 1)])
+    case = make_lora_case([[256, 32], [2, 256]], tokens, in_dim=144, out_dims=(160, 40), page_dim=page_dim, seed=3)
+    assert_matches_reference(case)
+
+
+def test_padded_shrink_width_and_idle_adapter(make_lora_case, lora_tokens):
+    """s is wider than any rank (TP padding) and adapter 1 is resident but has no tokens."""
+    tokens = lora_tokens([(0, 3), (-1, 2), (2, 4)])
+    assert_matches_reference(make_lora_case([[8, 0, 8], [16, 16, 16], [4, 2, 1]], tokens, max_rank=24, seed=5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_expand_sums_all_gathered_shards(make_lora_case, lora_tokens, dtype):
+    """Tensor parallelism: s is (T, G, 2 * R), two shrink outputs, and B_g has 2 * r columns."""
+    tokens = lora_tokens([(0, 5), (-1, 1), (1, 2), (0, 1)])
+    case = make_lora_case([[4, 0, 8], [16, 8, 2]], tokens, dtype=dtype, max_rank=20, shards=2, seed=13)
+    s = torch.randn(len(tokens), 3, 2 * 20).to(dtype)
+    expected = _expand_reference(case.y.clone(), s, case.pool, case.batch, case.group)
+    y = cpu_lora.expand(case.y.clone(), s, case.pool, case.batch, case.group)
+    torch.testing.assert_close(y, expected, **TOLERANCE[dtype])
+
+
+def test_two_threads_give_the_one_thread_result(make_lora_case):
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(-1, 6, (40,), generator=gen).tolist()
+    assert_matches_reference(make_lora_case([[8, 16, 4]] * 3 + [[64, 0, 2]] * 3, tokens, seed=2), threads=2)
+
+
+def test_base_only_tokens_get_nothing(make_lora_case):
+    case = make_lora_case([[8, 8, 8]], [-1] * 5)
+    s = cpu_lora.shrink(case.x, case.pool, case.batch, case.group)
+    assert torch.equal(s, torch.zeros_like(s))
+    y = case.y.clone()
+    cpu_lora.expand(y, torch.ones_like(s), case.pool, case.batch, case.group)
+    assert torch.equal(y, case.y)
+
+
+def test_expand_writes_only_its_columns_of_a_wider_buffer(make_lora_case, lora_tokens):
+    """y may be a column slice of a larger output (the row-parallel fused path)."""
+    case = make_lora_case([[8, 8, 8], [4, 0, 2]], lora_tokens([(0, 4), (1, 3)]), seed=9)
+    s = _shrink_reference(case.x, case.pool, case.batch, case.group)
+    wide = torch.randn(case.y.shape[0], case.y.shape[1] + 7)
+    untouched = wide[:, -7:].clone()
+    expected = _expand_reference(wide[:, :-7].clone(), s, case.pool, case.batch, case.group)
+    lora_expand(wide[:, :-7], s, case.pool, case.batch, case.group)
+    torch.testing.assert_close(wide[:, :-7], expected, **TOLERANCE[torch.float32])
+    assert torch.equal(wide[:, -7:], untouched)
+
+
+def test_strided_activations_are_read_correctly(make_lora_case):
+    case = make_lora_case([[8, 8, 8], [16, 4, 0]], [0, 1, 0, -1, 1], seed=4)
+    wide = torch.randn(5, case.x.shape[1] * 2)
+    wide[:, ::2] = case.x  # a view whose columns are not adjacent
+    s = cpu_lora.shrink(wide[:, ::2], case.pool, case.batch, case.group)
+    torch.testing.assert_close(s, _shrink_reference(case.x, case.pool, case.batch, case.group), **TOLERANCE[torch.float32])
+
+
+def test_bad_metadata_is_refused_before_the_c_code_reads_memory(make_lora_case):
+    case = make_lora_case([[8, 8, 8], [4, 4, 4]], [0, 1, 1], seed=6)
+    case.batch.page_table[1, 0] = case.pool.shape[0]  # one past the last page
+    with pytest.raises(ValueError, match="outside the pool"):
+        cpu_lora.shrink(case.x, case.pool, case.batch, case.group)
+
+    case = make_lora_case([[8, 8, 8], [4, 4, 4]], [0, 1, 1], seed=6)
+    case.group.b_offset[0, 2] = case.batch.page_table.shape[1] * case.pool.shape[1]  # past the adapter's pages
+    with pytest.raises(ValueError, match="past its adapter's pages"):
+        cpu_lora.expand(case.y, torch.zeros(3, 3, 8), case.pool, case.batch, case.group)
+
+    case = make_lora_case([[8, 8, 8]], [0, 0], seed=6)
+    case.batch.token_adapter[1] = 3
+    with pytest.raises(ValueError, match="names adapter 3"):
+        cpu_lora.shrink(case.x, case.pool, case.batch, case.group)
+
+
+def test_the_library_is_keyed_by_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path))
+    path = cpu_lora.build()
+    assert path.parent == tmp_path and path.is_file()
+    assert cpu_lora.build() == path  # built once
+    monkeypatch.setattr(cpu_lora, "_cpu_key", lambda: "another cpu")
+    assert cpu_lora.library_path() != path
