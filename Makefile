@@ -17,7 +17,7 @@ PROTO := proto/lorafleet/v1/lorafleet.proto
 STUBS := proto/lorafleet/v1/lorafleet_pb2_grpc.py
 
 install: $(STAMP) $(STUBS)
-	@$(BIN)/python -m lorafleet.kernels.cpu_lora >/dev/null  # the CPU LoRA kernel, compiled once per machine
+	@$(BIN)/python -m lorafleet.kernels.cpu >/dev/null  # the CPU kernels, compiled once per machine
 
 # Stubs are generated at install time by the pinned grpcio-tools, never committed.
 $(STUBS): $(PROTO) $(STAMP)

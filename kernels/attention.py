@@ -8,10 +8,12 @@ page table, position by position; no page needs to be next to another.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu
 
 
 @dataclass
@@ -34,6 +36,7 @@ class AttentionBatch:
     prefill_rows: list[int]
     query_start_list: list[int]
     context_lens_list: list[int]
+    _cpu_checked: object = field(default=None, repr=False)  # the page table kernels/cpu.py has checked
 
 
 def write_kv(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -70,6 +73,8 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch: AttentionBatch, 
         from . import triton_attention
 
         return triton_attention.paged_attention(q, pool, batch, num_kv_heads)
+    if cpu.usable(q):
+        return cpu.paged_attention(q, pool, batch, num_kv_heads)
     return _attention_reference(q, pool, batch, num_kv_heads)
 
 

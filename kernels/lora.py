@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import cpu_lora
+from . import cpu
 
 @dataclass
 class LoraGroup:
@@ -45,7 +45,7 @@ class LoraGroup:
     max_rank: int
     shards: int = 1
     _plan: list["_Bucket"] | None = field(default=None, repr=False)
-    _cpu_args: object = field(default=None, repr=False)  # cpu_lora.GroupArgs, built on first use
+    _cpu_args: object = field(default=None, repr=False)  # cpu.GroupArgs, built on first use
 
     @property
     def out_offsets(self) -> list[int]:
@@ -70,7 +70,7 @@ class LoraBatch:
     token_adapter: torch.Tensor
     page_table: torch.Tensor
     groups: dict[str, LoraGroup]
-    _cpu_segments: object = field(default=None, repr=False)  # cpu_lora.Segments, built on first use
+    _cpu_segments: object = field(default=None, repr=False)  # cpu.Segments, built on first use
 
 
 def lora_shrink(x: torch.Tensor, pool: torch.Tensor, batch: LoraBatch, group: LoraGroup) -> torch.Tensor:
@@ -83,8 +83,8 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, batch: LoraBatch, group: Lo
         from . import triton_lora
 
         return triton_lora.shrink(x, pool, batch, group)
-    if cpu_lora.usable(x):
-        return cpu_lora.shrink(x, pool, batch, group)
+    if cpu.usable(x):
+        return cpu.shrink(x, pool, batch, group)
     return _shrink_reference(x, pool, batch, group)
 
 
@@ -104,8 +104,8 @@ def lora_expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch: Lor
         from . import triton_lora
 
         return triton_lora.expand(y, s, pool, batch, group)
-    if cpu_lora.usable(y):
-        return cpu_lora.expand(y, s.to(y.dtype), pool, batch, group)
+    if cpu.usable(y):
+        return cpu.expand(y, s.to(y.dtype), pool, batch, group)
     return _expand_reference(y, s, pool, batch, group)
 
 

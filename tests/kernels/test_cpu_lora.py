@@ -1,10 +1,10 @@
-"""The C LoRA kernels of the CPU path (kernels/cpu_lora.c) equal the torch reference."""
+"""The C LoRA kernels of the CPU path (kernels/cpu.c) equal the torch reference."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lorafleet.kernels import cpu_lora
+from lorafleet.kernels import cpu
 from lorafleet.kernels.lora import _expand_reference, _shrink_reference, lora_expand, lora_shrink
 
 TOLERANCE = {
@@ -24,12 +24,12 @@ def assert_matches_reference(case, threads: int = 1) -> None:
     torch.set_num_threads(threads)
     try:
         expected_s = _shrink_reference(case.x, case.pool, case.batch, case.group)
-        s = cpu_lora.shrink(case.x, case.pool, case.batch, case.group)
+        s = cpu.shrink(case.x, case.pool, case.batch, case.group)
         assert s.shape == expected_s.shape and s.dtype == expected_s.dtype
         torch.testing.assert_close(s, expected_s, **tol)
         expected_y = _expand_reference(case.y.clone(), expected_s, case.pool, case.batch, case.group)
         y = case.y.clone()
-        assert cpu_lora.expand(y, expected_s, case.pool, case.batch, case.group) is y
+        assert cpu.expand(y, expected_s, case.pool, case.batch, case.group) is y
         torch.testing.assert_close(y, expected_y, **tol)
     finally:
         torch.set_num_threads(before)
@@ -37,9 +37,9 @@ def assert_matches_reference(case, threads: int = 1) -> None:
 
 def test_the_library_builds_here_and_the_cpu_ops_use_it(make_lora_case):
     """CI has a C compiler: a broken build must fail here, not fall back to torch unnoticed."""
-    assert cpu_lora.library() is not None, cpu_lora._failed
+    assert cpu.library() is not None, cpu._failed
     case = make_lora_case([[8, 8, 8]], [0, 0, -1])
-    assert cpu_lora.usable(case.x)
+    assert cpu.usable(case.x)
     assert lora_shrink(case.x, case.pool, case.batch, case.group) is not None
     assert case.batch._cpu_segments is not None  # the dispatcher took the C path
 
@@ -84,7 +84,7 @@ def test_expand_sums_all_gathered_shards(make_lora_case, lora_tokens, dtype):
     case = make_lora_case([[4, 0, 8], [16, 8, 2]], tokens, dtype=dtype, max_rank=20, shards=2, seed=13)
     s = torch.randn(len(tokens), 3, 2 * 20).to(dtype)
     expected = _expand_reference(case.y.clone(), s, case.pool, case.batch, case.group)
-    y = cpu_lora.expand(case.y.clone(), s, case.pool, case.batch, case.group)
+    y = cpu.expand(case.y.clone(), s, case.pool, case.batch, case.group)
     torch.testing.assert_close(y, expected, **TOLERANCE[dtype])
 
 
@@ -96,10 +96,10 @@ def test_two_threads_give_the_one_thread_result(make_lora_case):
 
 def test_base_only_tokens_get_nothing(make_lora_case):
     case = make_lora_case([[8, 8, 8]], [-1] * 5)
-    s = cpu_lora.shrink(case.x, case.pool, case.batch, case.group)
+    s = cpu.shrink(case.x, case.pool, case.batch, case.group)
     assert torch.equal(s, torch.zeros_like(s))
     y = case.y.clone()
-    cpu_lora.expand(y, torch.ones_like(s), case.pool, case.batch, case.group)
+    cpu.expand(y, torch.ones_like(s), case.pool, case.batch, case.group)
     assert torch.equal(y, case.y)
 
 
@@ -119,7 +119,7 @@ def test_strided_activations_are_read_correctly(make_lora_case):
     case = make_lora_case([[8, 8, 8], [16, 4, 0]], [0, 1, 0, -1, 1], seed=4)
     wide = torch.randn(5, case.x.shape[1] * 2)
     wide[:, ::2] = case.x  # a view whose columns are not adjacent
-    s = cpu_lora.shrink(wide[:, ::2], case.pool, case.batch, case.group)
+    s = cpu.shrink(wide[:, ::2], case.pool, case.batch, case.group)
     torch.testing.assert_close(s, _shrink_reference(case.x, case.pool, case.batch, case.group), **TOLERANCE[torch.float32])
 
 
@@ -127,23 +127,23 @@ def test_bad_metadata_is_refused_before_the_c_code_reads_memory(make_lora_case):
     case = make_lora_case([[8, 8, 8], [4, 4, 4]], [0, 1, 1], seed=6)
     case.batch.page_table[1, 0] = case.pool.shape[0]  # one past the last page
     with pytest.raises(ValueError, match="outside the pool"):
-        cpu_lora.shrink(case.x, case.pool, case.batch, case.group)
+        cpu.shrink(case.x, case.pool, case.batch, case.group)
 
     case = make_lora_case([[8, 8, 8], [4, 4, 4]], [0, 1, 1], seed=6)
     case.group.b_offset[0, 2] = case.batch.page_table.shape[1] * case.pool.shape[1]  # past the adapter's pages
     with pytest.raises(ValueError, match="past its adapter's pages"):
-        cpu_lora.expand(case.y, torch.zeros(3, 3, 8), case.pool, case.batch, case.group)
+        cpu.expand(case.y, torch.zeros(3, 3, 8), case.pool, case.batch, case.group)
 
     case = make_lora_case([[8, 8, 8]], [0, 0], seed=6)
     case.batch.token_adapter[1] = 3
     with pytest.raises(ValueError, match="names adapter 3"):
-        cpu_lora.shrink(case.x, case.pool, case.batch, case.group)
+        cpu.shrink(case.x, case.pool, case.batch, case.group)
 
 
 def test_the_library_is_keyed_by_source_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAFLEET_KERNEL_CACHE", str(tmp_path))
-    path = cpu_lora.build()
+    path = cpu.build()
     assert path.parent == tmp_path and path.is_file()
-    assert cpu_lora.build() == path  # built once
-    monkeypatch.setattr(cpu_lora, "_cpu_key", lambda: "another cpu")
-    assert cpu_lora.library_path() != path
+    assert cpu.build() == path  # built once
+    monkeypatch.setattr(cpu, "_cpu_key", lambda: "another cpu")
+    assert cpu.library_path() != path

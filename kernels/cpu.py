@@ -1,11 +1,11 @@
-"""The CPU path of the LoRA ops: cpu_lora.c, compiled once per machine and called with ctypes.
+"""The CPU path of the ops: C kernels (cpu_lora.c, cpu_attention.c) compiled once per machine, called with ctypes.
 
-`lora_shrink` / `lora_expand` (kernels/lora.py) send CPU tensors here. The torch
-reference in kernels/lora.py stays the spec: the tests check this path against it.
-The library is built by `make install` (`python -m lorafleet.kernels.cpu_lora`) into
-a cache keyed by the source, the flags and the CPU, and again on first use if that
-key is missing. Without a C compiler the ops fall back to the torch reference (a
-warning says so once); nothing else changes.
+`lora_shrink` / `lora_expand` (kernels/lora.py) and `paged_attention`
+(kernels/attention.py) send CPU tensors here. Their torch references stay the spec:
+the tests check this path against them. The library is built by `make install`
+(`python -m lorafleet.kernels.cpu`) into a cache keyed by the sources, the flags and
+the CPU, and again on first use if that key is missing. Without a C compiler the ops
+fall back to the torch references (a warning says so once); nothing else changes.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_lora.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_attention.c"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -47,12 +47,13 @@ def _cpu_key() -> str:
 
 def library_path() -> Path:
     root = Path(os.environ.get("LORAFLEET_KERNEL_CACHE") or Path.home() / ".cache" / "lorafleet" / "kernels")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    return root / f"cpu_lora-{key}.so"
+    code = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(code + " ".join(CFLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    return root / f"lorafleet-cpu-{key}.so"
 
 
 def build() -> Path:
-    """Compiles cpu_lora.c unless this machine's library exists; returns its path. Raises on failure."""
+    """Compiles the C kernels unless this machine's library exists; returns its path. Raises on failure."""
     target = library_path()
     if target.is_file():
         return target
@@ -63,14 +64,14 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([compiler, *CFLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True, timeout=300)
         if done.returncode:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} failed on the CPU kernels: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: another process building at once gets a whole file too
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    for old in target.parent.glob("cpu_lora-*.so"):  # older sources; a process using one keeps its mapping
+    for old in target.parent.glob("lorafleet-cpu-*.so"):  # older sources; a process using one keeps its mapping
         if old != target:
             old.unlink(missing_ok=True)
     return target
@@ -87,7 +88,7 @@ def library() -> ctypes.CDLL | None:
                 _library = _declare(ctypes.CDLL(str(build())))
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _failed = str(e)
-                log.warning("CPU LoRA kernel unavailable, using the torch reference (slower): %s", e)
+                log.warning("CPU kernels unavailable, using the torch references (slower): %s", e)
     return _library
 
 
@@ -98,6 +99,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"lora_expand_{suffix}").argtypes = [p, i, p, p, p, i, i, p, i, p, i, p, p, p, i, p, p, p, i, i]
         getattr(lib, f"lora_shrink_{suffix}").restype = None
         getattr(lib, f"lora_expand_{suffix}").restype = None
+        getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, p, i, p, p, i, i, i, i, ctypes.c_float, i]
+        getattr(lib, f"paged_attention_{suffix}").restype = None
     return lib
 
 
@@ -105,7 +108,7 @@ def usable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in SUFFIX and library() is not None
 
 
-# ---------------------------------------------------------------- per-step metadata
+# ---------------------------------------------------------------- LoRA: per-step metadata
 
 
 @dataclass
@@ -166,7 +169,7 @@ def _prepare(pool: torch.Tensor, batch, group) -> tuple[Segments, GroupArgs]:
     return batch._cpu_segments, group._cpu_args
 
 
-# ---------------------------------------------------------------- the ops
+# ---------------------------------------------------------------- LoRA: the ops
 
 
 def shrink(x: torch.Tensor, pool: torch.Tensor, batch, group) -> torch.Tensor:
@@ -199,6 +202,34 @@ def expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch, group) -
        args.b_offset.data_ptr(), args.rank.data_ptr(), args.scale.data_ptr(), len(group.out_dims),
        torch.get_num_threads())
     return y
+
+
+# ---------------------------------------------------------------- attention
+
+
+def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch, num_kv_heads: int) -> torch.Tensor:
+    """As kernels.attention.paged_attention, for CPU tensors (head counts checked there)."""
+    num_tokens, num_heads, head_dim = q.shape
+    if 2 * num_kv_heads * head_dim > pool.shape[1] or not pool.is_contiguous():
+        raise ValueError(f"paged_attention: pool {tuple(pool.shape)} must be contiguous with rows of >= {2 * num_kv_heads * head_dim}")
+    table, starts, lens = batch.page_table, batch.query_start, batch.context_lens
+    if not all(t.dtype == torch.int64 and t.is_contiguous() for t in (table, starts, lens)):
+        table, starts, lens = (t.to(torch.int64).contiguous() for t in (table, starts, lens))
+    if batch._cpu_checked is not table:  # once per step: the C code must not read outside the pool
+        if table.numel() and (int(table.min()) < 0 or int(table.max()) >= pool.shape[0]):
+            raise ValueError(f"paged_attention: the page table points outside the pool's {pool.shape[0]} pages")
+        news = starts[1:] - starts[:-1]
+        if int(starts[-1]) != num_tokens or bool((news < 1).any() | (lens < news).any() | (lens > table.shape[1]).any()):
+            raise ValueError("paged_attention: query_start, context_lens and the page table disagree")
+        batch._cpu_checked = table
+    q = q if q.stride(2) == 1 and q.stride(1) == head_dim else q.contiguous()
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype)
+    fn = getattr(library(), f"paged_attention_{SUFFIX[q.dtype]}")
+    fn(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0),
+       pool.data_ptr(), pool.shape[1], table.data_ptr(), table.shape[1],
+       starts.data_ptr(), lens.data_ptr(), lens.numel(),
+       num_heads, num_kv_heads, head_dim, head_dim ** -0.5, torch.get_num_threads())
+    return out
 
 
 if __name__ == "__main__":  # make install: build now rather than on the first request

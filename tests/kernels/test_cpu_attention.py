@@ -1,0 +1,70 @@
+"""The C paged attention of the CPU path (kernels/cpu_attention.c) equals the torch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorafleet.kernels import cpu
+from lorafleet.kernels.attention import _attention_reference, paged_attention
+
+TOLERANCE = {
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
+    torch.bfloat16: dict(atol=4e-2, rtol=2e-2),
+}
+
+# (context length, new tokens) per sequence, in step order; n == 1 is a decode row.
+STEPS = {
+    "prefill": [(70, 70), (40, 23), (2, 2)],  # fresh prompts and a chunk after 17 cached tokens
+    "decode": [(5, 1), (1, 1), (37, 1), (9, 1)],  # includes a sequence whose only key is its own
+    "mixed": [(9, 1), (70, 30), (33, 1), (3, 3), (1, 1)],
+}
+
+
+def assert_matches_reference(case, threads: int = 1) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        expected = _attention_reference(case.q, case.pool, case.batch, case.num_kv_heads)
+        out = cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
+    finally:
+        torch.set_num_threads(before)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, **TOLERANCE[case.q.dtype])
+
+
+@pytest.mark.parametrize("ratio", [1, 3, 4])
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_matches_reference(make_attention_case, dtype, step, ratio):
+    """Grouped-query ratios 1/3/4, prefill with and without cached tokens, decode, both at once."""
+    case = make_attention_case(STEPS[step], ratio=ratio, dtype=dtype, seed=ratio)
+    assert_matches_reference(case)
+
+
+def test_rows_wider_than_kv_and_head_dim_64(make_attention_case):
+    """Pool rows longer than K+V (the pool is sized for adapters too) and a real head size."""
+    case = make_attention_case(STEPS["mixed"], num_kv_heads=3, ratio=3, head_dim=64, extra_page_dim=40, seed=2)
+    assert_matches_reference(case)
+
+
+def test_two_threads_give_the_one_thread_result(make_attention_case):
+    assert_matches_reference(make_attention_case(STEPS["mixed"], ratio=2, seed=5), threads=2)
+
+
+def test_the_dispatcher_uses_the_c_path_on_cpu(make_attention_case):
+    case = make_attention_case(STEPS["decode"], seed=1)
+    assert cpu.usable(case.q)
+    paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
+    assert case.batch._cpu_checked is case.batch.page_table
+
+
+def test_bad_metadata_is_refused_before_the_c_code_reads_memory(make_attention_case):
+    case = make_attention_case(STEPS["decode"], seed=3)
+    case.batch.page_table[2, 0] = case.pool.shape[0]
+    with pytest.raises(ValueError, match="outside the pool"):
+        cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
+    case = make_attention_case(STEPS["decode"], seed=3)
+    case.batch.context_lens[1] = case.batch.page_table.shape[1] + 1
+    with pytest.raises(ValueError, match="disagree"):
+        cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
