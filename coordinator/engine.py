@@ -1,9 +1,12 @@
 """The engine of one replica: schedule -> execute on every rank -> postprocess."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..worker.adapters import AdapterError
 from ..worker.executor import make_executor
 from ..worker.step import SamplingParams
+from ..worker.worker import AdapterInfo
 from .adapters import AdapterEntry, AdapterRegistry
 from .config import EngineConfig
 from .pages import PagePlan
@@ -33,11 +36,28 @@ class Engine:
     # ------------------------------------------------------------- adapters
 
     def ensure_adapter(self, name: str, path: str | None = None) -> AdapterEntry:
-        """Registers an adapter on every rank (read, checked, packed into the host cache) once."""
+        """Registers an adapter on every rank (read, checked, packed into the host cache) once.
+
+        The synchronous form, for `lorafleet run`; the server runs the two halves on two threads
+        (EngineLoop.ensure_adapter) so that steps go on while the adapter is read.
+        """
         if self.registry.known(name):
             return self.registry.entries[name]
         folder = self.registry.resolve(name, path)
-        infos = self.executor.call_all("register_adapter", name, str(folder))
+        return self.add_adapter(name, folder, self.read_adapter(name, folder))
+
+    def read_adapter(self, name: str, folder: Path) -> list[AdapterInfo]:
+        """The slow half: every rank reads, checks and packs the adapter into its host cache.
+
+        Safe on any thread while steps run (the workers lock their tables; it runs no collective).
+        Touches no coordinator state. Raises AdapterError.
+        """
+        return self.executor.call_all("register_adapter", name, str(folder))
+
+    def add_adapter(self, name: str, folder: Path, infos: list[AdapterInfo]) -> AdapterEntry:
+        """The cheap half, on the engine thread: the registry entry and the pages the scheduler reserves."""
+        if self.registry.known(name):
+            return self.registry.entries[name]
         entry = self.registry.add(name, folder, infos[0])
         self.scheduler.adapter_pages[name] = entry.num_pages
         return entry

@@ -3,6 +3,10 @@
 The engine and its scheduler are touched by this thread only. The asyncio side sends
 commands (`call`) and receives each sampled token through the sequence's listener,
 so the gRPC event loop never blocks on a step and no lock guards the scheduler.
+
+Registering an adapter (reading, checking and packing it on every rank) is the one slow
+command: it runs on a loader thread while steps go on, and only its bookkeeping comes to
+the engine thread (`ensure_adapter`).
 """
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from .adapters import AdapterEntry
 from .engine import Engine
 from .scheduler import Output
 
@@ -32,6 +38,10 @@ class EngineLoop:
         self.last_step_seconds = 0.0
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"engine-{index}", daemon=True)
+        # one registration at a time per replica: with the engine thread's call, a Ray worker
+        # runs at most two calls at once, which its actor allows (max_concurrency=2)
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix=f"adapter-loader-{index}")
+        self._registering: dict[str, asyncio.Task] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -46,6 +56,39 @@ class EngineLoop:
             return future
         self._inbox.put((fn, future))
         return future
+
+    async def ensure_adapter(self, name: str, path: str | None = None) -> AdapterEntry:
+        """Registers an adapter with this replica once, without stopping its steps.
+
+        Every rank reads, checks and packs it on the loader thread; the registry entry is made
+        on the engine thread. Concurrent callers for one name share one registration; errors
+        (AdapterNotFound, AdapterPathDenied, AdapterError) reach every one of them.
+        """
+        entry = self.engine.registry.entries.get(name)
+        if entry is not None:
+            return entry
+        task = self._registering.get(name)
+        if task is None:
+            task = self.loop.create_task(self._register(name, path))
+            self._registering[name] = task
+            task.add_done_callback(lambda t: self._registered(name, t))
+        return await asyncio.shield(task)  # a caller that goes away does not cancel it for the others
+
+    def registering(self, name: str) -> bool:
+        """A registration of `name` is in flight here (the router counts this replica as holding it)."""
+        return name in self._registering
+
+    async def _register(self, name: str, path: str | None) -> AdapterEntry:
+        engine = self.engine
+        folder = engine.registry.resolve(name, path)
+        infos = await self.loop.run_in_executor(self._loader, engine.read_adapter, name, folder)
+        return await self.call(lambda e: e.add_adapter(name, folder, infos))
+
+    def _registered(self, name: str, task: asyncio.Task) -> None:
+        if self._registering.get(name) is task:
+            del self._registering[name]
+        if not task.cancelled():
+            task.exception()  # retrieved: the callers that are still waiting have it
 
     def listen(self, seq_id: int, listener: Listener) -> None:
         self._listeners[seq_id] = listener
@@ -64,6 +107,7 @@ class EngineLoop:
         self._inbox.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self._loader.shutdown(wait=True, cancel_futures=True)  # a registration in progress finishes first
 
     # ------------------------------------------------------------- the engine thread
 

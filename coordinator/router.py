@@ -28,4 +28,5 @@ class Router:
 
     @staticmethod
     def _registered(loop: EngineLoop, adapter: str) -> bool:
-        return loop.engine.registry.known(adapter)
+        """Registered, or being registered: concurrent first requests go where the first one went."""
+        return loop.engine.registry.known(adapter) or loop.registering(adapter)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 
 from ..worker.step import SeqWork, Step
 from .pages import PagePlan
@@ -123,7 +124,18 @@ class Scheduler:
         # finished before or preempted during this schedule: the worker forgets them before running
         step.finished, step.evicted_adapters = self._finished_ids, self._evicted
         self._finished_ids, self._evicted = [], []
+        step.prefetch_adapters = self._next_adapters()
         return step
+
+    def _next_adapters(self) -> list[str]:
+        """Adapters the next admissions will load: those of the first max_num_seqs waiting
+        sequences that are not in the pool, in queue order."""
+        names: dict[str, None] = {}
+        for seq in islice(self.waiting, self.cfg.max_num_seqs):
+            a = seq.adapter
+            if a is not None and a in self.adapter_pages and not self.plan.is_resident(a):
+                names[a] = None
+        return list(names)
 
     def _page_for_decode(self, seq: Sequence) -> int | None:
         while True:

@@ -172,13 +172,15 @@ class LoraFleetService(pb_grpc.LoraFleetServicer):
         path = self.catalog.get(req.adapter) if req.adapter else None
 
         def add(engine: Engine):
-            if req.adapter is not None:
+            if req.adapter is not None:  # registered above; again only if it was unloaded meanwhile
                 engine.ensure_adapter(req.adapter, str(path) if path else None)
             seq = engine.add(req)
             loop.listen(seq.seq_id, outputs.put_nowait)
             return seq
 
         try:
+            if req.adapter is not None:  # read off the engine thread: running requests keep streaming
+                await loop.ensure_adapter(req.adapter, str(path) if path else None)
             seq = await loop.call(add)
         except Exception as e:  # noqa: BLE001 - every failure becomes a status with its message
             raise _status_of(e) from e
@@ -246,8 +248,7 @@ class LoraFleetService(pb_grpc.LoraFleetServicer):
             known = self.catalog.get(name) or next((lp.engine.registry.entries[name].path for lp in self.loops if lp.engine.registry.known(name)), None)
             if known is not None and known != folder:
                 raise _Abort(grpc.StatusCode.ALREADY_EXISTS, f"adapter {name!r} is already loaded from {known}; unload it first")
-            for loop in self.loops:
-                await loop.call(lambda e: e.ensure_adapter(name, str(folder)))
+            await asyncio.gather(*(loop.ensure_adapter(name, str(folder)) for loop in self.loops))
             self.catalog[name] = folder
             return pb.LoadAdapterResponse(adapter=self._adapter_info(name))
         except _Abort as a:

@@ -30,17 +30,24 @@ class LocalExecutor:
         return [getattr(self.worker, method)(*args)]
 
     def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
         self.worker = None
 
 
 class WorkerActor:
-    """One rank: joins the torch.distributed group, then holds a Worker. Runs inside a Ray actor."""
+    """One rank: joins the torch.distributed group, then holds a Worker. Runs inside a Ray actor.
+
+    The actor runs two calls at once (max_concurrency=2): the engine thread's (execute and the
+    other calls between steps, one at a time, the same order on every rank) and the adapter
+    loader's (register_adapter, which runs no collective), so reading an adapter overlaps steps.
+    """
 
     def __init__(self, cfg: WorkerConfig, rank: int, size: int, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        self.cfg, self.rank, self.size = cfg, rank, size
+        self.cfg, self.rank, self.size, self.threads = cfg, rank, size, threads
         self.worker = None
 
     def rendezvous_address(self) -> str:
@@ -66,11 +73,17 @@ class WorkerActor:
         self.worker = Worker(self.cfg, Shard(self.rank, self.size), Comm(self.rank, self.size))
 
     def call(self, method: str, *args):
+        import torch
+
+        if torch.get_num_threads() != self.threads:  # each of the actor's threads keeps its own setting
+            torch.set_num_threads(self.threads)
         return getattr(self.worker, method)(*args)
 
     def stop(self) -> None:
         import torch.distributed as dist
 
+        if self.worker is not None:
+            self.worker.close()
         self.worker = None
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -117,7 +130,7 @@ class RayWorkerGroup:
         env = {"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}} if ray_address is None else None
         self.actors = [
             actor_cls.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), runtime_env=env,
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), runtime_env=env, max_concurrency=2,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
             ).remote(cfg, rank, tp, threads)
             for rank in range(tp)

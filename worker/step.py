@@ -38,9 +38,13 @@ class Step:
     load_adapters: adapter name -> the pages to write it into before running.
     evicted_adapters: adapters whose pages the scheduler has taken back.
     finished: sequences the worker can forget (their pages are free again).
+    prefetch_adapters: adapters of the next waiting requests, in queue order, that are not in
+        the pool: the worker starts reading those missing from its host cache in the background,
+        so that loading them later does not wait on the disk. A hint: nothing depends on it.
     """
 
     seqs: list[SeqWork] = field(default_factory=list)
     load_adapters: dict[str, list[int]] = field(default_factory=dict)
     evicted_adapters: list[str] = field(default_factory=list)
     finished: list[int] = field(default_factory=list)
+    prefetch_adapters: list[str] = field(default_factory=list)
