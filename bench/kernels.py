@@ -1,4 +1,4 @@
-"""CPU benchmark of batched LoRA: the torch reference against two baselines.
+"""CPU benchmark of batched LoRA: the C kernels and the torch reference against two baselines.
 
 One decode step of 512 sequences (one token each) through the q+k+v group of
 SmolLM2-135M (in 576, out 576 + 192 + 192, KV pages of 384 elements), with 1, 8, 64
@@ -8,8 +8,11 @@ three targets, reading the adapters from the pool:
 
 - loop:  a Python loop over requests, each gathering its adapter and doing two matmuls;
 - bmm:   S-LoRA-bmm, every adapter padded to the batch's largest rank, per-token torch.bmm;
-- ours:  lora_shrink + lora_expand (kernels/lora.py), including its per-step plan;
-- ours, plan reused: the same with the plan already built (a step reuses it in every layer).
+- torch: the torch reference of kernels/lora.py (buckets of adapters, one page gather and
+         one torch.bmm per bucket), including its per-step plan;
+- ours:  the CPU path, kernels/cpu_lora.c (A and B read in place from the pages),
+         including its per-step metadata;
+- ours, metadata reused: the same with the metadata already built (a step reuses it in every layer).
 
 Every method's y is checked against the loop's before timing.
 Run: .venv/bin/python bench/kernels.py [--tokens 512] [--repeats 3] [--threads 1]
@@ -22,7 +25,8 @@ import time
 
 import torch
 
-from lorafleet.kernels.lora import LoraBatch, LoraGroup, lora_expand, lora_shrink
+from lorafleet.kernels import cpu
+from lorafleet.kernels.lora import LoraBatch, LoraGroup, _expand_reference, _shrink_reference
 
 IN_DIM, OUT_DIMS, PAGE_DIM = 576, (576, 192, 192), 384
 RANKS = (8, 16, 32, 64)
@@ -110,16 +114,23 @@ def padded_bmm(x, y, pool, batch, group):
     return y
 
 
-def ours(x, y, pool, batch, group):
+def torch_reference(x, y, pool, batch, group):
     group = dataclasses.replace(group, _plan=None)  # plan the step inside the timed region
-    return lora_expand(y, lora_shrink(x, pool, batch, group), pool, batch, group)
+    return _expand_reference(y, _shrink_reference(x, pool, batch, group), pool, batch, group)
 
 
-def ours_plan_reused(x, y, pool, batch, group):
-    return lora_expand(y, lora_shrink(x, pool, batch, group), pool, batch, group)
+def ours(x, y, pool, batch, group):
+    batch = dataclasses.replace(batch, _cpu_segments=None)  # build the step's metadata inside the timed region
+    group = dataclasses.replace(group, _cpu_args=None)
+    return cpu.expand(y, cpu.shrink(x, pool, batch, group), pool, batch, group)
 
 
-METHODS = {"loop": loop_over_requests, "bmm": padded_bmm, "ours": ours, "ours, plan reused": ours_plan_reused}
+def ours_metadata_reused(x, y, pool, batch, group):
+    return cpu.expand(y, cpu.shrink(x, pool, batch, group), pool, batch, group)
+
+
+METHODS = {"loop": loop_over_requests, "bmm": padded_bmm, "torch": torch_reference, "ours": ours,
+           "ours, metadata reused": ours_metadata_reused}
 
 
 def time_ms(fn, x, y, pool, batch, group, repeats: int) -> float:
@@ -142,7 +153,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; decode step of {args.tokens} tokens, "
           f"q+k+v of in {IN_DIM} -> out {OUT_DIMS}, ranks {'/'.join(map(str, RANKS))}, fp32; best of {args.repeats}")
-    header = f"{'adapters':>8} | " + " | ".join(f"{name:>17}" for name in METHODS) + " | loop/ours | bmm/ours"
+    header = (f"{'adapters':>8} | " + " | ".join(f"{name:>21}" for name in METHODS)
+              + " | loop/ours | bmm/ours | torch/ours")
     print(header + "\n" + "-" * len(header))
     for num_adapters in args.adapters:
         x, y, pool, batch, group = build_step(num_adapters, args.tokens)
@@ -150,8 +162,9 @@ def main() -> None:
         for fn in METHODS.values():
             torch.testing.assert_close(fn(x, y.clone(), pool, batch, group), expected, atol=1e-3, rtol=1e-3)
         ms = {name: time_ms(fn, x, y, pool, batch, group, args.repeats) for name, fn in METHODS.items()}
-        cells = " | ".join(f"{ms[name]:>14.2f} ms" for name in METHODS)
-        print(f"{num_adapters:>8} | {cells} | {ms['loop'] / ms['ours']:>8.1f}x | {ms['bmm'] / ms['ours']:>7.1f}x")
+        cells = " | ".join(f"{ms[name]:>18.2f} ms" for name in METHODS)
+        print(f"{num_adapters:>8} | {cells} | {ms['loop'] / ms['ours']:>8.1f}x | {ms['bmm'] / ms['ours']:>7.1f}x"
+              f" | {ms['torch'] / ms['ours']:>9.1f}x")
 
 
 if __name__ == "__main__":

@@ -48,28 +48,42 @@ static inline void store_bf16(bf16 *p, float v) {  /* round to nearest even, as 
 static inline float load_f16(const f16 *p) { return (float)(*p); }
 static inline void store_f16(f16 *p, float v) { *p = (f16)v; }
 
-/* A walk along one adapter's flat vector, page by page: `at` points at element `e`, and
- * `left` elements remain in its page. Divisions happen once per block, not per row. */
+/* A walk along one adapter's flat vector, page by page: it stands `left` elements before
+ * the end of page `page` of the adapter's page list. Divisions happen once per block, not
+ * per row. Pages are scattered, so the hardware prefetcher cannot follow a page change:
+ * entering a page asks for the whole next one. */
 typedef struct {
     const int64_t *table;
-    int64_t page_dim, page, left;
+    const char *pool;
+    int64_t page_dim, page, left, num_pages, page_bytes;
 } cursor;
 
-static inline cursor cursor_at(const int64_t *table, int64_t page_dim, int64_t e) {
-    cursor c = {table, page_dim, e / page_dim, page_dim - e % page_dim};
+static inline void prefetch_page(const cursor *c, int64_t page) {
+    if (page >= c->num_pages) return;
+    const char *p = c->pool + c->table[page] * c->page_bytes;
+    for (int64_t b = 0; b < c->page_bytes; b += 64) __builtin_prefetch(p + b, 0, 0);
+}
+
+static inline cursor cursor_at(const void *pool, int64_t elem_bytes, const int64_t *table, int64_t num_pages,
+                               int64_t page_dim, int64_t e) {
+    cursor c = {table, (const char *)pool, page_dim, e / page_dim, page_dim - e % page_dim, num_pages,
+                page_dim * elem_bytes};
+    prefetch_page(&c, c.page + 1);
     return c;
 }
 
-#define CURSOR_PTR(T, pool, c) ((pool) + (c).table[(c).page] * (c).page_dim + ((c).page_dim - (c).left))
+#define CURSOR_PTR(T, c) ((const T *)(c).pool + (c).table[(c).page] * (c).page_dim + ((c).page_dim - (c).left))
 
 static inline void cursor_advance(cursor *c, int64_t n) {
     c->left -= n;
     if (c->left == 0) {
         c->page++;
         c->left = c->page_dim;
+        prefetch_page(c, c->page + 1);
     }
 }
 
+/* Tokens are taken four at a time, so each weight loaded from the page feeds four FMAs. */
 #define DEFINE_LORA(T, SUFFIX)                                                                                  \
 void lora_shrink_##SUFFIX(                                                                                      \
     const T *x, int64_t x_stride, int64_t in_dim,                                                               \
@@ -81,21 +95,42 @@ void lora_shrink_##SUFFIX(                                                      
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")       \
     for (int64_t k = 0; k < num_segs; k++) {                                                                    \
         const int64_t a = seg_adapter[k], first = seg_start[k], n = seg_start[k + 1] - first;                   \
-        float *acc = malloc(sizeof(float) * n);                                                                 \
+        /* the segment's activations, in float32, side by side */                                             \
+        float *xs = malloc(sizeof(float) * n * in_dim), *acc = malloc(sizeof(float) * n);                       \
+        for (int64_t i = 0; i < n; i++)                                                                         \
+            for (int64_t c = 0; c < in_dim; c++) xs[i * in_dim + c] = load_##SUFFIX(x + order[first + i] * x_stride + c); \
         for (int64_t g = 0; g < num_targets; g++) {                                                             \
             const int64_t r = rank[a * num_targets + g];                                                        \
             if (r <= 0) continue;                                                                               \
-            cursor cur = cursor_at(page_table + a * max_pages, page_dim, a_offset[a * num_targets + g]);        \
+            cursor cur = cursor_at(pool, sizeof(T), page_table + a * max_pages, max_pages, page_dim,            \
+                                   a_offset[a * num_targets + g]);                                              \
             for (int64_t j = 0; j < r; j++) {                                                                   \
                 for (int64_t i = 0; i < n; i++) acc[i] = 0.0f;                                                  \
-                for (int64_t col = 0; col < in_dim;) {                                                          \
+                for (int64_t col = 0; col < in_dim;) { /* row j of A_g, in pieces that stay in one page */     \
                     const int64_t len = cur.left < in_dim - col ? cur.left : in_dim - col;                      \
-                    const T *w = CURSOR_PTR(T, pool, cur);                                                      \
-                    for (int64_t i = 0; i < n; i++) {                                                           \
-                        const T *xt = x + order[first + i] * x_stride + col;                                    \
+                    const T *w = CURSOR_PTR(T, cur);                                                            \
+                    int64_t i = 0;                                                                              \
+                    for (; i + 4 <= n; i += 4) {                                                                \
+                        const float *x0 = xs + i * in_dim + col, *x1 = x0 + in_dim, *x2 = x1 + in_dim, *x3 = x2 + in_dim; \
+                        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;                                       \
+                        _Pragma("omp simd reduction(+:s0, s1, s2, s3)")                                         \
+                        for (int64_t c = 0; c < len; c++) {                                                     \
+                            const float wc = load_##SUFFIX(w + c);                                              \
+                            s0 += x0[c] * wc;                                                                   \
+                            s1 += x1[c] * wc;                                                                   \
+                            s2 += x2[c] * wc;                                                                   \
+                            s3 += x3[c] * wc;                                                                   \
+                        }                                                                                       \
+                        acc[i] += s0;                                                                           \
+                        acc[i + 1] += s1;                                                                       \
+                        acc[i + 2] += s2;                                                                       \
+                        acc[i + 3] += s3;                                                                       \
+                    }                                                                                           \
+                    for (; i < n; i++) {                                                                        \
+                        const float *xt = xs + i * in_dim + col;                                                \
                         float sum = 0.0f;                                                                       \
                         _Pragma("omp simd reduction(+:sum)")                                                    \
-                        for (int64_t c = 0; c < len; c++) sum += load_##SUFFIX(xt + c) * load_##SUFFIX(w + c);  \
+                        for (int64_t c = 0; c < len; c++) sum += xt[c] * load_##SUFFIX(w + c);                  \
                         acc[i] += sum;                                                                          \
                     }                                                                                           \
                     cursor_advance(&cur, len);                                                                  \
@@ -105,6 +140,7 @@ void lora_shrink_##SUFFIX(                                                      
                     store_##SUFFIX(s + (order[first + i] * num_targets + g) * max_rank + j, acc[i]);            \
             }                                                                                                   \
         }                                                                                                       \
+        free(xs);                                                                                               \
         free(acc);                                                                                              \
     }                                                                                                           \
 }                                                                                                               \
@@ -134,16 +170,31 @@ void lora_expand_##SUFFIX(                                                      
             /* B_g^T is stored: row c (out_g long, contiguous) is added, times v[c], to each token's */ \
             /* delta, so every inner loop is a long vectorised axpy and each weight is read once.     */ \
             for (int64_t i = 0; i < n * out; i++) acc[i] = 0.0f;                                                \
-            cursor cur = cursor_at(page_table + a * max_pages, page_dim, b_offset[a * num_targets + g]);        \
+            cursor cur = cursor_at(pool, sizeof(T), page_table + a * max_pages, max_pages, page_dim,            \
+                                   b_offset[a * num_targets + g]);                                              \
             for (int64_t c = 0; c < width; c++) {                                                               \
-                for (int64_t o = 0; o < out;) { /* one row of B_g^T, in pieces that stay in one page */         \
+                for (int64_t o = 0; o < out;) { /* row c of B_g^T, in pieces that stay in one page */          \
                     const int64_t len = cur.left < out - o ? cur.left : out - o;                                \
-                    const T *w = CURSOR_PTR(T, pool, cur);                                                      \
-                    for (int64_t i = 0; i < n; i++) {                                                           \
+                    const T *w = CURSOR_PTR(T, cur);                                                            \
+                    int64_t i = 0;                                                                              \
+                    for (; i + 4 <= n; i += 4) {                                                                \
+                        const float v0 = v[i * width + c], v1 = v[(i + 1) * width + c];                         \
+                        const float v2 = v[(i + 2) * width + c], v3 = v[(i + 3) * width + c];                   \
+                        float *d0 = acc + i * out + o, *d1 = d0 + out, *d2 = d1 + out, *d3 = d2 + out;          \
+                        _Pragma("omp simd")                                                                     \
+                        for (int64_t q = 0; q < len; q++) {                                                     \
+                            const float wq = load_##SUFFIX(w + q);                                              \
+                            d0[q] += v0 * wq;                                                                   \
+                            d1[q] += v1 * wq;                                                                   \
+                            d2[q] += v2 * wq;                                                                   \
+                            d3[q] += v3 * wq;                                                                   \
+                        }                                                                                       \
+                    }                                                                                           \
+                    for (; i < n; i++) {                                                                        \
                         const float vc = v[i * width + c];                                                      \
                         float *d = acc + i * out + o;                                                           \
                         _Pragma("omp simd")                                                                     \
-                        for (int64_t k = 0; k < len; k++) d[k] += vc * load_##SUFFIX(w + k);                    \
+                        for (int64_t q = 0; q < len; q++) d[q] += vc * load_##SUFFIX(w + q);                    \
                     }                                                                                           \
                     cursor_advance(&cur, len);                                                                  \
                     o += len;                                                                                   \
