@@ -15,6 +15,12 @@ three targets, reading the adapters from the pool:
 - ours, metadata reused: the same with the metadata already built (a step reuses it in every layer).
 
 Every method's y is checked against the loop's before timing.
+
+A second table times paged attention for one decode step of SmolLM2-135M's shapes (9
+query heads, 3 KV heads, head_dim 64, pages of 384 elements, every position in a
+shuffled page): the C kernel (kernels/cpu_attention.c) against the torch reference
+(one page gather and one scaled_dot_product_attention per step's decode rows).
+
 Run: .venv/bin/python bench/kernels.py [--tokens 512] [--repeats 3] [--threads 1]
 """
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 import torch
 
 from lorafleet.kernels import cpu
+from lorafleet.kernels.attention import AttentionBatch, _attention_reference
 from lorafleet.kernels.lora import LoraBatch, LoraGroup, _expand_reference, _shrink_reference
 
 IN_DIM, OUT_DIMS, PAGE_DIM = 576, (576, 192, 192), 384
@@ -143,6 +150,47 @@ def time_ms(fn, x, y, pool, batch, group, repeats: int) -> float:
     return min(times)  # the least-disturbed run: other processes share these cores
 
 
+def attention_step(num_seqs: int, context: tuple[int, int], seed: int = 0):
+    """One decode step: num_seqs sequences with contexts drawn from `context`, pages shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    heads, kv_heads, head_dim = 9, 3, 64
+    lens = torch.randint(context[0], context[1] + 1, (num_seqs,), generator=gen)
+    pages = torch.randperm(int(lens.sum()), generator=gen)
+    pool = torch.randn(int(lens.sum()), 2 * kv_heads * head_dim, generator=gen)
+    table = torch.zeros(num_seqs, int(lens.max()), dtype=torch.int64)
+    used = 0
+    for i, n in enumerate(lens.tolist()):
+        table[i, :n] = pages[used:used + n]
+        used += n
+    starts = list(range(num_seqs + 1))
+    batch = AttentionBatch(
+        query_start=torch.tensor(starts), context_lens=lens, page_table=table,
+        slots=table[torch.arange(num_seqs), lens - 1], decode_rows=torch.arange(num_seqs), prefill_rows=[],
+        query_start_list=starts, context_lens_list=lens.tolist(),
+    )
+    return torch.randn(num_seqs, heads, head_dim, generator=gen), pool, batch, kv_heads
+
+
+def attention_table(repeats: int) -> None:
+    print("\npaged attention, one decode step of SmolLM2-135M shapes (9 heads, 3 KV heads, d 64), fp32, per layer")
+    header = f"{'sequences':>9} | {'context':>8} | {'torch':>10} | {'ours (C)':>10} | torch/ours"
+    print(header + "\n" + "-" * len(header))
+    for num_seqs, context in ((32, (40, 120)), (64, (40, 120)), (64, (400, 1200))):
+        q, pool, batch, kv_heads = attention_step(num_seqs, context)
+        torch.testing.assert_close(cpu.paged_attention(q, pool, batch, kv_heads),
+                                   _attention_reference(q, pool, batch, kv_heads), atol=1e-5, rtol=1e-4)
+        ms = {}
+        for name, fn in (("torch", _attention_reference), ("ours", cpu.paged_attention)):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn(q, pool, batch, kv_heads)
+                times.append((time.perf_counter() - start) * 1e3)
+            ms[name] = min(times)
+        print(f"{num_seqs:>9} | {context[0]:>3}-{context[1]:<4} | {ms['torch']:>7.2f} ms | {ms['ours']:>7.2f} ms | "
+              f"{ms['torch'] / ms['ours']:>9.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=512)
@@ -165,6 +213,7 @@ def main() -> None:
         cells = " | ".join(f"{ms[name]:>18.2f} ms" for name in METHODS)
         print(f"{num_adapters:>8} | {cells} | {ms['loop'] / ms['ours']:>8.1f}x | {ms['bmm'] / ms['ours']:>7.1f}x"
               f" | {ms['torch'] / ms['ours']:>9.1f}x")
+    attention_table(max(args.repeats, 5))
 
 
 if __name__ == "__main__":

@@ -73,16 +73,16 @@ class BenchConfig:
     out: str
     adapter_counts: tuple[int, ...] = (1, 10, 100, 1000)
     separate_counts: tuple[int, ...] = (100, 1000)  # n for the separate-pools ablation
-    rate: float = 6.0  # mean arrivals per second: above what any system here serves on CPU (about 3.5 at most)
+    rate: float = 10.0  # mean arrivals per second: above what any system here serves on CPU (about 6 at most)
     duration: float = 90.0  # each load test: no request sent, and outstanding ones cancelled, after this
     cv: float = 1.0
     alpha: float = 1.0  # adapter popularity exponent; 1 is uniform
     input_range: tuple[int, int] = (8, 64)
     output_range: tuple[int, int] = (8, 32)
     slo_ttft: float = 6.0
-    pool_bytes: str = "256MiB"  # lorafleet's pool, for the unified and the separate runs alike
+    pool_bytes: str = "512MiB"  # lorafleet's pool, for the unified and the separate runs alike
     separate_fraction: float = 0.5  # of that pool, for adapters only, in the ablation
-    max_num_seqs: int = 32  # lorafleet's batch; the PEFT baseline's batch is the same
+    max_num_seqs: int = 64  # lorafleet's batch; the PEFT baseline's batch is the same
     peft_max_loaded: int = 4
     threads: int = 1  # torch threads of each server; 1 is far steadier than 2 on a shared 2-core machine
     start_timeout: float = 240.0  # a server must be ready within this

@@ -26,6 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_attention.c"))
+HEADERS = (Path(__file__).with_name("cpu_types.h"),)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -47,7 +48,7 @@ def _cpu_key() -> str:
 
 def library_path() -> Path:
     root = Path(os.environ.get("LORAFLEET_KERNEL_CACHE") or Path.home() / ".cache" / "lorafleet" / "kernels")
-    code = b"".join(source.read_bytes() for source in SOURCES)
+    code = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(code + " ".join(CFLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
     return root / f"lorafleet-cpu-{key}.so"
 

@@ -11,33 +11,9 @@
  * parallel (OpenMP) when asked for more than one thread.
  */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-typedef uint16_t bf16;
-typedef _Float16 f16;
-
-static inline float att_load_f32(const float *p) { return *p; }
-static inline void att_store_f32(float *p, float v) { *p = v; }
-static inline float att_load_bf16(const bf16 *p) {
-    uint32_t u = (uint32_t)(*p) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-static inline void att_store_bf16(bf16 *p, float v) {
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        *p = (bf16)((u >> 16) | 0x40u);
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    *p = (bf16)(u >> 16);
-}
-static inline float att_load_f16(const f16 *p) { return (float)(*p); }
-static inline void att_store_f16(f16 *p, float v) { *p = (f16)v; }
+#include "cpu_types.h"
 
 /* exp(x) for x <= 0, vectorisable (libm's expf is a call per element): x = n ln2 + r with
  * |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (error below 6e-9, under float32's
@@ -86,7 +62,7 @@ void paged_attention_##SUFFIX(                                                  
             for (int64_t hk = 0; hk < num_kv_heads; hk++) {                                                     \
                 for (int64_t g = 0; g < ratio; g++)                                                             \
                     for (int64_t d = 0; d < head_dim; d++)                                                      \
-                        qf[g * head_dim + d] = att_load_##SUFFIX(q + t * q_stride_t + (hk * ratio + g) * head_dim + d) * scale; \
+                        qf[g * head_dim + d] = load_##SUFFIX(q + t * q_stride_t + (hk * ratio + g) * head_dim + d) * scale; \
                 for (int64_t p = 0; p <= last; p++) {                                                           \
                     if (p + AHEAD <= last) prefetch_row(pool + pages[p + AHEAD] * row_dim + hk * head_dim, head_dim * (int64_t)sizeof(T)); \
                     const T *key = pool + pages[p] * row_dim + hk * head_dim;                                   \
@@ -94,7 +70,7 @@ void paged_attention_##SUFFIX(                                                  
                         const float *qg = qf + g * head_dim;                                                    \
                         float sum = 0.0f;                                                                       \
                         _Pragma("omp simd reduction(+:sum)")                                                    \
-                        for (int64_t d = 0; d < head_dim; d++) sum += qg[d] * att_load_##SUFFIX(key + d);      \
+                        for (int64_t d = 0; d < head_dim; d++) sum += qg[d] * load_##SUFFIX(key + d);      \
                         w[g * c + p] = sum;                                                                     \
                     }                                                                                           \
                 }                                                                                               \
@@ -117,12 +93,12 @@ void paged_attention_##SUFFIX(                                                  
                         const float wp = w[g * c + p];                                                          \
                         float *ag = acc + g * head_dim;                                                         \
                         _Pragma("omp simd")                                                                     \
-                        for (int64_t d = 0; d < head_dim; d++) ag[d] += wp * att_load_##SUFFIX(value + d);     \
+                        for (int64_t d = 0; d < head_dim; d++) ag[d] += wp * load_##SUFFIX(value + d);     \
                     }                                                                                           \
                 }                                                                                               \
                 for (int64_t g = 0; g < ratio; g++)                                                             \
                     for (int64_t d = 0; d < head_dim; d++)                                                      \
-                        att_store_##SUFFIX(out + t * out_stride_t + (hk * ratio + g) * head_dim + d, acc[g * head_dim + d]); \
+                        store_##SUFFIX(out + t * out_stride_t + (hk * ratio + g) * head_dim + d, acc[g * head_dim + d]); \
             }                                                                                                   \
         }                                                                                                       \
         free(w);                                                                                                \

@@ -18,35 +18,9 @@
  *
  * Accumulation is in float32 for every storage type; results are rounded once.
  */
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-typedef uint16_t bf16;
-typedef _Float16 f16;
-
-static inline float load_f32(const float *p) { return *p; }
-static inline void store_f32(float *p, float v) { *p = v; }
-
-static inline float load_bf16(const bf16 *p) {
-    uint32_t u = (uint32_t)(*p) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-static inline void store_bf16(bf16 *p, float v) {  /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        *p = (bf16)((u >> 16) | 0x40u);  /* quiet NaN */
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    *p = (bf16)(u >> 16);
-}
-
-static inline float load_f16(const f16 *p) { return (float)(*p); }
-static inline void store_f16(f16 *p, float v) { *p = (f16)v; }
+#include "cpu_types.h"
 
 /* A walk along one adapter's flat vector, page by page: it stands `left` elements before
  * the end of page `page` of the adapter's page list. Divisions happen once per block, not

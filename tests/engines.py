@@ -1,8 +1,11 @@
 """Running lorafleet's engine in tests: build one, run requests to completion."""
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
+import lorafleet.worker.worker as worker_module
 from lorafleet.coordinator.config import EngineConfig
 from lorafleet.coordinator.engine import Engine
 from lorafleet.coordinator.sequence import Request
@@ -37,3 +40,37 @@ def adapters_root(adapter_dirs: dict[str, Path]) -> Path:
     """The one folder that holds every fixture adapter."""
     (root,) = {Path(p).parent for p in adapter_dirs.values()}
     return root
+
+
+class AdapterReads:
+    """Wraps the worker's read_adapter (monkeypatched): records each read's adapter and thread,
+    and can hold the read of an adapter until the test releases it. Every wait is bounded by `wait`."""
+
+    def __init__(self, monkeypatch, wait: float = 60.0):
+        self.calls: list[tuple[str, str]] = []
+        self.held: dict[str, threading.Event] = {}
+        self.entered: dict[str, threading.Event] = {}
+        self.wait = wait
+        real = worker_module.read_adapter
+
+        def read(name, *args, **kw):
+            self.calls.append((name, threading.current_thread().name))
+            if name in self.held:
+                self.entered[name].set()
+                assert self.held[name].wait(self.wait), f"read of {name} held for too long"
+            return real(name, *args, **kw)
+
+        monkeypatch.setattr(worker_module, "read_adapter", read)
+
+    def hold(self, name: str) -> None:
+        self.held[name], self.entered[name] = threading.Event(), threading.Event()
+
+    def count(self, name: str) -> int:
+        return sum(1 for n, _ in self.calls if n == name)
+
+    @property
+    def threads(self) -> list[str]:
+        return [t for _, t in self.calls]
+
+    async def entered_read(self, name: str) -> None:
+        assert await asyncio.to_thread(self.entered[name].wait, self.wait), f"the read of {name} never started"

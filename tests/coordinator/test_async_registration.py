@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import threading
 
 import grpc
 import pytest
-from engines import adapters_root, generate, make_engine
+from engines import AdapterReads, adapters_root, generate, make_engine
 from peers import make_bad_adapter, peft_greedy
 
-import lorafleet.worker.worker as worker_module
 from lorafleet.coordinator.config import EngineConfig
 from lorafleet.coordinator.engine_loop import EngineLoop
 from lorafleet.coordinator.router import Router
@@ -23,33 +21,6 @@ from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 
 WAIT = 60.0  # seconds: the bound of every wait below
-
-
-class Reads:
-    """Wraps the worker's read_adapter: counts reads per adapter and can hold one until released."""
-
-    def __init__(self, monkeypatch):
-        self.counts: dict[str, int] = {}
-        self.threads: list[str] = []
-        self.held: dict[str, threading.Event] = {}
-        self.entered: dict[str, threading.Event] = {}
-        real = worker_module.read_adapter
-
-        def read(name, *args, **kw):
-            self.counts[name] = self.counts.get(name, 0) + 1
-            self.threads.append(threading.current_thread().name)
-            if name in self.held:
-                self.entered[name].set()
-                assert self.held[name].wait(WAIT), f"read of {name} held for too long"
-            return real(name, *args, **kw)
-
-        monkeypatch.setattr(worker_module, "read_adapter", read)
-
-    def hold(self, name: str) -> None:
-        self.held[name], self.entered[name] = threading.Event(), threading.Event()
-
-    async def entered_read(self, name: str) -> None:
-        assert await asyncio.to_thread(self.entered[name].wait, WAIT), f"the read of {name} never started"
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +74,7 @@ def test_slow_registration_does_not_stop_running_requests(tiny_models, adapters,
     """While three first requests for an adapter wait on its (held) read, a running request keeps
     receiving tokens; the adapter is then read once and all three get PEFT's tokens."""
     model = tiny_models["llama_gqa"]
-    reads = Reads(monkeypatch)
+    reads = AdapterReads(monkeypatch, WAIT)
     reads.hold("slow")
     prompt = [5, 9, 14]
 
@@ -128,7 +99,7 @@ def test_slow_registration_does_not_stop_running_requests(tiny_models, adapters,
             await server.stop()
 
     outs, long_tokens = run(go())
-    assert reads.counts["slow"] == 1
+    assert reads.count("slow") == 1
     want = peft_greedy(model, adapters / "slow", prompt, 6)
     assert outs == [want] * 3
     assert len(long_tokens) == 300
@@ -139,7 +110,7 @@ def test_errors_keep_their_status_while_others_run(tiny_models, adapters, monkey
     """Bad adapters (two concurrent first requests sharing one failed read), unknown names and bad
     paths get today's statuses and messages; a running request is untouched; a good adapter then loads."""
     model = tiny_models["llama_gqa"]
-    reads = Reads(monkeypatch)
+    reads = AdapterReads(monkeypatch, WAIT)
     reads.hold("bad-nan")
 
     async def status(coro):
@@ -173,7 +144,7 @@ def test_errors_keep_their_status_while_others_run(tiny_models, adapters, monkey
             await server.stop()
 
     results, loaded, good_tokens, long_tokens = run(go())
-    assert reads.counts["bad-nan"] == 1
+    assert reads.count("bad-nan") == 1
     (c1, m1), (c2, m2), (c3, m3), (c4, m4), (c5, m5), (c6, m6) = results
     assert c1 == c2 == grpc.StatusCode.INVALID_ARGUMENT and "NaN or Inf" in m1 and m1 == m2
     assert c3 == grpc.StatusCode.INVALID_ARGUMENT and "DoRA" in m3
@@ -188,7 +159,7 @@ def test_errors_keep_their_status_while_others_run(tiny_models, adapters, monkey
 def test_concurrent_load_and_generate_register_once(tiny_models, adapters, monkeypatch):
     """LoadAdapter and a Generate for the same new adapter, both in flight: one read."""
     model = tiny_models["llama_gqa"]
-    reads = Reads(monkeypatch)
+    reads = AdapterReads(monkeypatch, WAIT)
     reads.hold("slow2")
 
     async def go():
@@ -207,7 +178,7 @@ def test_concurrent_load_and_generate_register_once(tiny_models, adapters, monke
             await server.stop()
 
     tokens, info = run(go())
-    assert reads.counts["slow2"] == 1
+    assert reads.count("slow2") == 1
     assert (info.name, info.rank) == ("slow2", 3)
     assert tokens == peft_greedy(model, adapters / "slow2", [6, 7], 4)
 
@@ -216,7 +187,7 @@ def test_requests_follow_a_registration_in_flight(tiny_models, adapters, monkeyp
     """While one replica reads a new adapter, more requests for it go to that replica (even when it
     is a little busier), not to another replica that would read it again."""
     model = tiny_models["llama_gqa"]
-    reads = Reads(monkeypatch)
+    reads = AdapterReads(monkeypatch, WAIT)
     reads.hold("slow")
 
     async def go():
@@ -242,7 +213,7 @@ def test_requests_follow_a_registration_in_flight(tiny_models, adapters, monkeyp
 
     first, picks, least = run(go())
     assert picks == {first} and least != first
-    assert reads.counts["slow"] == 1
+    assert reads.count("slow") == 1
 
 
 def test_prefetching_engine_gives_the_same_tokens(tiny_models, tiny_adapters, monkeypatch):
@@ -256,12 +227,12 @@ def test_prefetching_engine_gives_the_same_tokens(tiny_models, tiny_adapters, mo
                 for i in range(24)]
     join_at = [i // 3 for i in range(len(requests))]
     reference = generate(make_engine(model, root), requests, join_at)
-    reads = Reads(monkeypatch)
+    reads = AdapterReads(monkeypatch, WAIT)
     small = make_engine(model, root, host_cache_bytes=200_000, max_num_seqs=3)
     assert generate(small, requests, join_at) == reference
     assert small.executor.worker.cache.bytes <= 200_000
     prefetched = sum(1 for t in reads.threads if t.startswith("adapter-prefetch"))
-    assert prefetched > 0 and sum(reads.counts.values()) > len(names)  # there were misses, and prefetches
+    assert prefetched > 0 and len(reads.calls) > len(names)  # there were misses, and prefetches
     for i in (0, 7):
         adapter, prompt, n = requests[i]
         assert reference[i] == peft_greedy(model, tiny_adapters[adapter], prompt, n)

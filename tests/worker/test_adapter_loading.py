@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engines import generate, make_engine
+from engines import AdapterReads, generate, make_engine
 from peers import peft_greedy
 from safetensors.torch import load_file, save_file
 
@@ -132,34 +132,6 @@ def test_damaged_safetensors_is_refused(tiny_models, tiny_adapters, tmp_path, da
 # ------------------------------------------------------------- prefetch
 
 
-class Reads:
-    """Wraps the worker's read_adapter: counts reads per adapter and thread, and can hold a read."""
-
-    def __init__(self, monkeypatch):
-        self.calls: list[tuple[str, str]] = []
-        self.held: dict[str, threading.Event] = {}
-        self.entered: dict[str, threading.Event] = {}
-        real = worker_module.read_adapter
-
-        def read(name, *args, **kw):
-            self.calls.append((name, threading.current_thread().name))
-            if name in self.held:
-                self.entered[name].set()
-                assert self.held[name].wait(WAIT), f"read of {name} held for too long"
-            return real(name, *args, **kw)
-
-        monkeypatch.setattr(worker_module, "read_adapter", read)
-
-    def hold(self, name: str) -> None:
-        self.held[name], self.entered[name] = threading.Event(), threading.Event()
-
-    def count(self, name: str) -> int:
-        return sum(1 for n, _ in self.calls if n == name)
-
-    def reset(self) -> None:
-        self.calls.clear()
-
-
 @pytest.fixture(scope="module")
 def same_size_adapters(tiny_models, adapter_factory, tmp_path_factory):
     """Four adapters of one size (rank 2 on q and v), so a host cache can be sized in adapters."""
@@ -199,7 +171,7 @@ def test_prefetched_adapter_is_read_once(tiny_models, same_size_adapters, monkey
         engine.ensure_adapter(name)
     worker = engine.executor.worker
     assert worker.host_cached_adapters() == ["s2"]
-    reads = Reads(monkeypatch)
+    reads = AdapterReads(monkeypatch, WAIT)
     requests = [(name, [5, 6, 7], 3) for name in names]
     got = generate(engine, requests)
     assert reads.count("s0") == 1  # admitted in the first step: read on the engine thread, no time to prefetch
@@ -220,7 +192,7 @@ def test_load_waits_for_the_read_in_flight(tiny_models, same_size_adapters, monk
         engine.ensure_adapter(name)
     worker = engine.executor.worker
     assert "s0" not in worker.host_cached_adapters()
-    reads = Reads(monkeypatch)
+    reads = AdapterReads(monkeypatch, WAIT)
     reads.hold("s0")
     worker.execute(Step(prefetch_adapters=["s0"]))
     assert reads.entered["s0"].wait(WAIT)
@@ -248,7 +220,7 @@ def test_prefetch_is_bounded(tiny_models, same_size_adapters, monkeypatch):
     worker = engine.executor.worker
     for name in names:
         worker.cache.remove(name)  # nothing cached
-    reads = Reads(monkeypatch)
+    reads = AdapterReads(monkeypatch, WAIT)
     for name in names:
         reads.hold(name)
     worker.execute(Step(prefetch_adapters=names))
@@ -271,7 +243,7 @@ def test_prefetch_of_a_forgotten_adapter_is_dropped(tiny_models, same_size_adapt
     engine.ensure_adapter("s0")
     worker = engine.executor.worker
     worker.cache.remove("s0")
-    reads = Reads(monkeypatch)
+    reads = AdapterReads(monkeypatch, WAIT)
     reads.hold("s0")
     worker.execute(Step(prefetch_adapters=["s0"]))
     assert reads.entered["s0"].wait(WAIT)
