@@ -6,9 +6,9 @@
  *
  * Layout (kernels/lora.py): adapter a's weights for one layer are one flat vector
  * chunked into pages; element e sits at pool[page_table[a][e / D]][e % D]. Target g
- * has A_g (rank x in_dim, row-major) at a_offset[a][g] and B_g (out_g x shards*rank)
- * at b_offset[a][g]. A row may cross pages, so rows are walked in pieces that stay
- * inside one page.
+ * has A_g (rank x in_dim, row-major) at a_offset[a][g] and B_g transposed, B_g^T
+ * (shards*rank x out_g, row-major), at b_offset[a][g]. A row may cross pages, so rows
+ * are walked in pieces that stay inside one page.
  *
  * Work is split into segments: runs of tokens of one adapter (`order` lists the
  * token rows grouped by adapter; segment k is order[seg_start[k] .. seg_start[k+1])).
