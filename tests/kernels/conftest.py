@@ -55,7 +55,8 @@ def build_lora_case(
     puts B_g right after A_g. The vectors are cut into pages drawn from a shuffled pool,
     so no adapter is contiguous; page 0 and every unused element hold NaN, so a read
     outside an adapter's blocks poisons the result. With shards = N (tensor parallelism),
-    B_g has N * r columns, one block of r per all-gathered shrink output.
+    B_g has N * r columns, one block of r per all-gathered shrink output (B_g is random
+    here, so its stored B_g^T layout needs nothing else).
     """
     gen = torch.Generator().manual_seed(seed)
     num_targets = len(out_dims)

@@ -39,7 +39,7 @@ def naive_shrink(case) -> torch.Tensor:
 
 
 def naive_expand(case, s: torch.Tensor) -> torch.Tensor:
-    """With N = group.shards, s is (T, G, N * R) and B_g (out, N * r) pairs with cat_j s[t, g, j*R : j*R + r]."""
+    """With N = group.shards, s is (T, G, N * R) and B_g (out, N * r; stored as B_g^T) pairs with cat_j s[t, g, j*R : j*R + r]."""
     group, y = case.group, case.y.double().clone()
     shards, width = group.shards, group.max_rank
     for t, a in enumerate(case.batch.token_adapter.tolist()):
