@@ -4,6 +4,7 @@ an engine that prefetches adapters gives the same tokens."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 
@@ -34,10 +35,17 @@ def adapters(tiny_models, tiny_adapters, tmp_path_factory):
     return root
 
 
-def serve(model, root, **engine_kw):
-    """An in-process server (one replica, this process's worker) on loopback."""
-    return LoraFleetServer(ServerConfig(EngineConfig(str(model), str(root), pool_bytes=4 * 2**20, **engine_kw),
-                                        port=0, metrics_port=None, shutdown_grace=1.0))
+@contextlib.asynccontextmanager
+async def served(model, root):
+    """A stub of an in-process server (one replica, this process's worker) on loopback; stopped on exit."""
+    server = LoraFleetServer(ServerConfig(EngineConfig(str(model), str(root), pool_bytes=4 * 2**20),
+                                          port=0, metrics_port=None, shutdown_grace=1.0))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield pb_grpc.LoraFleetStub(channel)
+    finally:
+        await server.stop()
 
 
 class Stream:
@@ -79,24 +87,18 @@ def test_slow_registration_does_not_stop_running_requests(tiny_models, adapters,
     prompt = [5, 9, 14]
 
     async def go():
-        server = serve(model, adapters)
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-                stub = pb_grpc.LoraFleetStub(ch)
-                long = Stream(stub, adapter_id="r16_all", prompt_token_ids=[7, 8], max_new_tokens=300, ignore_eos=True)
-                await long.until(2)
-                firsts = [Stream(stub, adapter_id="slow", prompt_token_ids=prompt, max_new_tokens=6, ignore_eos=True) for _ in range(3)]
-                await reads.entered_read("slow")
-                before = len(long.tokens)
-                await long.until(before + 10)  # the engine steps while the read is held
-                assert not reads.held["slow"].is_set() and not any(f.task.done() for f in firsts)
-                reads.held["slow"].set()
-                outs = await asyncio.gather(*(f.task for f in firsts))
-                await long.task
-                return outs, long.tokens
-        finally:
-            await server.stop()
+        async with served(model, adapters) as stub:
+            long = Stream(stub, adapter_id="r16_all", prompt_token_ids=[7, 8], max_new_tokens=300, ignore_eos=True)
+            await long.until(2)
+            firsts = [Stream(stub, adapter_id="slow", prompt_token_ids=prompt, max_new_tokens=6, ignore_eos=True) for _ in range(3)]
+            await reads.entered_read("slow")
+            before = len(long.tokens)
+            await long.until(before + 10)  # the engine steps while the read is held
+            assert not reads.held["slow"].is_set() and not any(f.task.done() for f in firsts)
+            reads.held["slow"].set()
+            outs = await asyncio.gather(*(f.task for f in firsts))
+            await long.task
+            return outs, long.tokens
 
     outs, long_tokens = run(go())
     assert reads.count("slow") == 1
@@ -119,29 +121,23 @@ def test_errors_keep_their_status_while_others_run(tiny_models, adapters, monkey
         return err.value.code(), err.value.details()
 
     async def go():
-        server = serve(model, adapters)
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-                stub = pb_grpc.LoraFleetStub(ch)
-                long = Stream(stub, prompt_token_ids=[3, 4], max_new_tokens=200, ignore_eos=True)
-                await long.until(1)
-                nans = [Stream(stub, adapter_id="bad-nan", prompt_token_ids=[1, 2], max_new_tokens=3) for _ in range(2)]
-                await reads.entered_read("bad-nan")
-                await long.until(len(long.tokens) + 5)
-                reads.held["bad-nan"].set()
-                results = [await status(s.task) for s in nans]
-                results.append(await status(Stream(stub, adapter_id="bad-dora", prompt_token_ids=[1], max_new_tokens=2).task))
-                results.append(await status(Stream(stub, adapter_id="no-such-adapter", prompt_token_ids=[1]).task))
-                results.append(await status(stub.LoadAdapter(pb.LoadAdapterRequest(name="esc", path="../../x"))))
-                results.append(await status(stub.LoadAdapter(pb.LoadAdapterRequest(name="dora2", path="bad-dora"))))
-                loaded = await stub.LoadAdapter(pb.LoadAdapterRequest(name="extra", path="r2_q"))
-                good = Stream(stub, adapter_id="extra", prompt_token_ids=[3, 4], max_new_tokens=5, ignore_eos=True)
-                good_tokens = await good.task
-                await long.task
-                return results, loaded, good_tokens, long.tokens
-        finally:
-            await server.stop()
+        async with served(model, adapters) as stub:
+            long = Stream(stub, prompt_token_ids=[3, 4], max_new_tokens=200, ignore_eos=True)
+            await long.until(1)
+            nans = [Stream(stub, adapter_id="bad-nan", prompt_token_ids=[1, 2], max_new_tokens=3) for _ in range(2)]
+            await reads.entered_read("bad-nan")
+            await long.until(len(long.tokens) + 5)
+            reads.held["bad-nan"].set()
+            results = [await status(s.task) for s in nans]
+            results.append(await status(Stream(stub, adapter_id="bad-dora", prompt_token_ids=[1], max_new_tokens=2).task))
+            results.append(await status(Stream(stub, adapter_id="no-such-adapter", prompt_token_ids=[1]).task))
+            results.append(await status(stub.LoadAdapter(pb.LoadAdapterRequest(name="esc", path="../../x"))))
+            results.append(await status(stub.LoadAdapter(pb.LoadAdapterRequest(name="dora2", path="bad-dora"))))
+            loaded = await stub.LoadAdapter(pb.LoadAdapterRequest(name="extra", path="r2_q"))
+            good = Stream(stub, adapter_id="extra", prompt_token_ids=[3, 4], max_new_tokens=5, ignore_eos=True)
+            good_tokens = await good.task
+            await long.task
+            return results, loaded, good_tokens, long.tokens
 
     results, loaded, good_tokens, long_tokens = run(go())
     assert reads.count("bad-nan") == 1
@@ -163,19 +159,13 @@ def test_concurrent_load_and_generate_register_once(tiny_models, adapters, monke
     reads.hold("slow2")
 
     async def go():
-        server = serve(model, adapters)
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-                stub = pb_grpc.LoraFleetStub(ch)
-                gen = Stream(stub, adapter_id="slow2", prompt_token_ids=[6, 7], max_new_tokens=4, ignore_eos=True)
-                await reads.entered_read("slow2")
-                load = asyncio.ensure_future(stub.LoadAdapter(pb.LoadAdapterRequest(name="slow2")))
-                await asyncio.sleep(0.1)  # let LoadAdapter join the registration in flight
-                reads.held["slow2"].set()
-                return await gen.task, (await load).adapter
-        finally:
-            await server.stop()
+        async with served(model, adapters) as stub:
+            gen = Stream(stub, adapter_id="slow2", prompt_token_ids=[6, 7], max_new_tokens=4, ignore_eos=True)
+            await reads.entered_read("slow2")
+            load = asyncio.ensure_future(stub.LoadAdapter(pb.LoadAdapterRequest(name="slow2")))
+            await asyncio.sleep(0.1)  # let LoadAdapter join the registration in flight
+            reads.held["slow2"].set()
+            return await gen.task, (await load).adapter
 
     tokens, info = run(go())
     assert reads.count("slow2") == 1
