@@ -475,15 +475,9 @@ def print_report(cfg: BenchConfig, rows: list[dict], checks: dict) -> None:
 # ---------------------------------------------------------------- main
 
 
-def span(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    try:
-        return int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: write LOW:HIGH, e.g. 8:128") from None
-
-
 def parse_args(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]:
+    from lorafleet.client.cli import token_range
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEMO_MODEL), help="Hugging Face Llama-family folder (default: demo model)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "lorafleet-bench"),
@@ -494,8 +488,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]
     p.add_argument("--distribution", choices=["uniform", "power"], default="uniform",
                    help="how requests pick adapters; power: weight (i + 1) ** -alpha")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent")
-    p.add_argument("--prompt-len", type=span, default=(8, 128), help="LOW:HIGH prompt tokens, uniform")
-    p.add_argument("--output-len", type=span, default=(8, 64), help="LOW:HIGH generated tokens, uniform")
+    p.add_argument("--prompt-len", type=token_range, default=(8, 128), help="LOW:HIGH prompt tokens, uniform")
+    p.add_argument("--output-len", type=token_range, default=(8, 64), help="LOW:HIGH generated tokens, uniform")
     p.add_argument("--peft-batch", type=int, default=8, help="PEFT batch size within one adapter")
     p.add_argument("--check", type=int, default=4, help="requests re-run through PEFT unbatched and compared")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

@@ -768,14 +768,6 @@ def write_results(cfg: BenchConfig, phases: list[Phase], meta: dict) -> str:
 # ---------------------------------------------------------------- main
 
 
-def span(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    try:
-        return int(lo), int(hi or lo)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: write LOW:HIGH, e.g. 8:64") from None
-
-
 def counts(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x)
@@ -784,6 +776,8 @@ def counts(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None) -> BenchConfig:
+    from lorafleet.client.cli import token_range
+
     d = BenchConfig.__dataclass_fields__
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(REPO / "cache" / "smollm2-135m-instruct"), help="Hugging Face Llama-family folder")
@@ -796,8 +790,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--duration", type=float, default=d["duration"].default, help="seconds per load test")
     p.add_argument("--cv", type=float, default=d["cv"].default, help="coefficient of variation of arrival gaps")
     p.add_argument("--alpha", type=float, default=d["alpha"].default, help="adapter popularity exponent (1: uniform)")
-    p.add_argument("--input-range", type=span, default=d["input_range"].default, metavar="LO:HI")
-    p.add_argument("--output-range", type=span, default=d["output_range"].default, metavar="LO:HI")
+    p.add_argument("--input-range", type=token_range, default=d["input_range"].default, metavar="LO:HI")
+    p.add_argument("--output-range", type=token_range, default=d["output_range"].default, metavar="LO:HI")
     p.add_argument("--slo-ttft", type=float, default=d["slo_ttft"].default, help="seconds")
     p.add_argument("--pool-bytes", default=d["pool_bytes"].default, help="lorafleet's page pool (unified and separate)")
     p.add_argument("--separate-fraction", type=float, default=d["separate_fraction"].default,

@@ -162,8 +162,8 @@ def cmd_adapters_unload(args) -> int:
 
 # ---- loadtest -------------------------------------------------------------------------------
 
-def _token_range(text: str) -> tuple[int, int]:
-    """'8:512' -> (8, 512), inclusive token counts."""
+def token_range(text: str) -> tuple[int, int]:
+    """'8:512' -> (8, 512), inclusive token counts; an argparse type (the benchmarks use it too)."""
     try:
         lo, hi = (int(part) for part in text.split(":"))
     except ValueError:
@@ -195,9 +195,9 @@ def _add_loadtest(subparsers) -> None:
     w.add_argument("--alpha", type=float, default=1.0, help="popularity exponent in (0, 1]; 1 is uniform")
     w.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second")
     w.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of the arrival gaps")
-    w.add_argument("--input-range", type=_token_range, default=(8, 512), metavar="LO:HI",
+    w.add_argument("--input-range", type=token_range, default=(8, 512), metavar="LO:HI",
                    help="prompt tokens LO:HI (inclusive)")
-    w.add_argument("--output-range", type=_token_range, default=(8, 512), metavar="LO:HI",
+    w.add_argument("--output-range", type=token_range, default=(8, 512), metavar="LO:HI",
                    help="output tokens LO:HI (inclusive)")
     w.add_argument("--min-token-id", type=int, default=0, metavar="ID", help="random prompt token ids start here")
     w.add_argument("--vocab-size", type=int, default=None, metavar="N",

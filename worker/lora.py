@@ -89,8 +89,8 @@ def pack_adapter(lora: LoraWeights, layout: AdapterLayout, cfg: ModelConfig, sha
     flat = torch.empty(cfg.num_layers, layout.num_pages * page_dim, dtype=dtype)
     flat[:, layout.length:].zero_()
     for target, slot in layout.slots.items():
-        a_rows, a_cols = slot.rank, shard_dims(cfg, target, shard)[1]
-        b_rows = shard_dims(cfg, target, shard)[0]
+        b_rows, a_cols = shard_dims(cfg, target, shard)
+        a_rows = slot.rank
         b_cols = slot.rank * (1 if target in ROW_PARALLEL else shard.size)
         for layer in range(cfg.num_layers):
             a_dst = flat[layer, slot.a_offset:slot.a_offset + a_rows * a_cols].view(a_rows, a_cols)
