@@ -21,7 +21,8 @@ def parse_bytes(text: str) -> int:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--adapters", default=None, help="folder whose subfolders are PEFT LoRA adapters")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, float32 on other CPUs")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start an embedded one when --tp > 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

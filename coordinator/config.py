@@ -4,14 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..worker.config import DTYPES, WorkerConfig
+from ..worker.config import DTYPE_CHOICES, WorkerConfig, resolve_dtype
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model_dir: str
     adapters_dir: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # resolved in __post_init__: the field holds the dtype served in (GetServerInfo shows it)
     device: str = "cpu"
     tp: int = 1
     pool_bytes: int | None = 512 * 2**20  # None: pool_fraction of free device memory (CUDA)
@@ -31,8 +31,9 @@ class EngineConfig:
             raise ValueError(f"--model {self.model_dir}: not a Hugging Face model folder (no config.json)")
         if self.adapters_dir is not None and not Path(self.adapters_dir).is_dir():
             raise ValueError(f"--adapters {self.adapters_dir}: no such folder")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         if self.separate_adapter_pages is not None and not 0 < self.separate_adapter_pages < 1:
             raise ValueError("--separate-adapter-pool must be a fraction in (0, 1)")
         if self.tp < 1:

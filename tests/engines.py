@@ -1,4 +1,4 @@
-"""Running lorafleet's engine in tests: build one, run requests to completion."""
+"""Running lorafleet's engine in tests: build one (float32 unless told), run requests to completion."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +13,7 @@ from lorafleet.coordinator.sequence import Request
 
 def make_engine(model_dir, adapters_root=None, **kw) -> Engine:
     kw.setdefault("pool_bytes", 16 * 2**20)
+    kw.setdefault("dtype", "float32")  # the exact dtype: tests compare tokens with PEFT's (the default is "auto")
     return Engine(EngineConfig(str(model_dir), str(adapters_root) if adapters_root else None, **kw))
 
 

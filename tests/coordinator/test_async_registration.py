@@ -38,7 +38,7 @@ def adapters(tiny_models, tiny_adapters, tmp_path_factory):
 @contextlib.asynccontextmanager
 async def served(model, root):
     """A stub of an in-process server (one replica, this process's worker) on loopback; stopped on exit."""
-    server = LoraFleetServer(ServerConfig(EngineConfig(str(model), str(root), pool_bytes=4 * 2**20),
+    server = LoraFleetServer(ServerConfig(EngineConfig(str(model), str(root), pool_bytes=4 * 2**20, dtype="float32"),
                                           port=0, metrics_port=None, shutdown_grace=1.0))
     await server.start()
     try:

@@ -14,7 +14,7 @@ def _run(model, adapters, lines, tmp_path, *extra) -> tuple[list[dict], str]:
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     done = subprocess.run([LORAFLEET, "run", "--model", str(model), "--adapters", str(adapters), "--input", str(src),
-                           "--output", str(out), *extra], capture_output=True, text=True, timeout=600)
+                           "--output", str(out), "--dtype", "float32", *extra], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return [json.loads(x) for x in out.read_text().splitlines()], done.stderr
 

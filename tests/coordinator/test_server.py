@@ -38,7 +38,7 @@ def server(tiny_models, tiny_adapters, tmp_path_factory):
     token_file = tmp / "token"
     token_file.write_text(TOKEN + "\n")
     srv = ServerProcess("--model", str(tiny_models["llama_gqa"]), "--adapters", str(root), "--tp", "2", "--replicas", "2",
-                        "--pool-bytes", "4MiB", "--admin-token-file", str(token_file), "--max-num-seqs", "16")
+                        "--dtype", "float32", "--pool-bytes", "4MiB", "--admin-token-file", str(token_file), "--max-num-seqs", "16")
     srv.root, srv.model, srv.tmp = root, tiny_models["llama_gqa"], tmp
     yield srv
     assert srv.stop() == 0
@@ -70,7 +70,7 @@ def test_concurrent_streams_equal_lorafleet_run(server, tmp_path):
                                 for i, (a, p, n) in enumerate(cases)))
     out = tmp_path / "results.jsonl"
     subprocess.run([LORAFLEET, "run", "--model", str(server.model), "--adapters", str(server.root), "--input", str(requests),
-                    "--output", str(out), "--quiet"], check=True, timeout=300)
+                    "--output", str(out), "--quiet", "--dtype", "float32"], check=True, timeout=300)
     offline = [json.loads(line) for line in out.read_text().splitlines()]
 
     async def go():
