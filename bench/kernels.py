@@ -21,12 +21,17 @@ query heads, 3 KV heads, head_dim 64, pages of 384 elements, every position in a
 shuffled page): the C kernel (kernels/cpu_attention.c) against the torch reference
 (one page gather and one scaled_dot_product_attention per step's decode rows).
 
-Run: .venv/bin/python bench/kernels.py [--tokens 512] [--repeats 3] [--threads 1]
+Both tables run in each --dtype (float32 by default; `--dtype float32 bfloat16` times both in one
+run and ends with a table of the C kernel in each dtype against the torch reference). Times are
+medians of --repeats runs; bfloat16 results are checked against the float32 loop.
+
+Run: .venv/bin/python bench/kernels.py [--tokens 512] [--repeats 5] [--threads 1] [--dtype float32 bfloat16]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 
 import torch
@@ -34,12 +39,17 @@ import torch
 from lorafleet.kernels import cpu
 from lorafleet.kernels.attention import AttentionBatch, _attention_reference
 from lorafleet.kernels.lora import LoraBatch, LoraGroup, _expand_reference, _shrink_reference
+from lorafleet.worker.config import DTYPES
+
+# how far a method's y may be from the float32 loop's: bfloat16 rounds x, y, the weights and s
+CHECK = {torch.float32: dict(atol=1e-3, rtol=1e-3), torch.bfloat16: dict(atol=6e-2, rtol=3e-2),
+         torch.float16: dict(atol=1e-2, rtol=1e-2)}
 
 IN_DIM, OUT_DIMS, PAGE_DIM = 576, (576, 192, 192), 384
 RANKS = (8, 16, 32, 64)
 
 
-def build_step(num_adapters: int, num_tokens: int, seed: int = 0):
+def build_step(num_adapters: int, num_tokens: int, seed: int = 0, dtype: torch.dtype = torch.float32):
     """Adapter a has rank RANKS[a % 4] on all three targets; vectors are [A_q A_k A_v B_q B_k B_v]."""
     gen = torch.Generator().manual_seed(seed)
     ranks = [RANKS[a % len(RANKS)] for a in range(num_adapters)]
@@ -69,7 +79,7 @@ def build_step(num_adapters: int, num_tokens: int, seed: int = 0):
     batch = LoraBatch(token_adapter=token_adapter, page_table=page_table, groups={"qkv": group})
     x = torch.randn(num_tokens, IN_DIM, generator=gen)
     y = torch.randn(num_tokens, sum(OUT_DIMS), generator=gen)
-    return x, y, pool, batch, group
+    return x.to(dtype), y.to(dtype), pool.to(dtype), batch, group
 
 
 def adapter_pages(group: LoraGroup, page_dim: int) -> list[int]:
@@ -147,10 +157,10 @@ def time_ms(fn, x, y, pool, batch, group, repeats: int) -> float:
         start = time.perf_counter()
         fn(x, y_run, pool, batch, group)
         times.append((time.perf_counter() - start) * 1e3)
-    return min(times)  # the least-disturbed run: other processes share these cores
+    return statistics.median(times)  # other processes share these cores: the median, not one run
 
 
-def attention_step(num_seqs: int, context: tuple[int, int], seed: int = 0):
+def attention_step(num_seqs: int, context: tuple[int, int], seed: int = 0, dtype: torch.dtype = torch.float32):
     """One decode step: num_seqs sequences with contexts drawn from `context`, pages shuffled."""
     gen = torch.Generator().manual_seed(seed)
     heads, kv_heads, head_dim = 9, 3, 64
@@ -168,17 +178,25 @@ def attention_step(num_seqs: int, context: tuple[int, int], seed: int = 0):
         slots=table[torch.arange(num_seqs), lens - 1], decode_rows=torch.arange(num_seqs), prefill_rows=[],
         query_start_list=starts, context_lens_list=lens.tolist(),
     )
-    return torch.randn(num_seqs, heads, head_dim, generator=gen), pool, batch, kv_heads
+    q = torch.randn(num_seqs, heads, head_dim, generator=gen)
+    return q.to(dtype), pool.to(dtype), batch, kv_heads
 
 
-def attention_table(repeats: int) -> None:
-    print("\npaged attention, one decode step of SmolLM2-135M shapes (9 heads, 3 KV heads, d 64), fp32, per layer")
+ATTENTION_STEPS = ((32, (40, 120)), (64, (40, 120)), (64, (400, 1200)))
+
+
+def attention_table(repeats: int, dtype: torch.dtype) -> dict:
+    """Prints the table; returns {(sequences, context): {"torch": ms, "ours": ms}}."""
+    print(f"\npaged attention, one decode step of SmolLM2-135M shapes (9 heads, 3 KV heads, d 64), {dtype}, "
+          f"per layer, median of {repeats}")
     header = f"{'sequences':>9} | {'context':>8} | {'torch':>10} | {'ours (C)':>10} | torch/ours"
     print(header + "\n" + "-" * len(header))
-    for num_seqs, context in ((32, (40, 120)), (64, (40, 120)), (64, (400, 1200))):
-        q, pool, batch, kv_heads = attention_step(num_seqs, context)
-        torch.testing.assert_close(cpu.paged_attention(q, pool, batch, kv_heads),
-                                   _attention_reference(q, pool, batch, kv_heads), atol=1e-5, rtol=1e-4)
+    results = {}
+    for num_seqs, context in ATTENTION_STEPS:
+        q, pool, batch, kv_heads = attention_step(num_seqs, context, dtype=dtype)
+        expected = _attention_reference(q.float(), pool.float(), batch, kv_heads)
+        torch.testing.assert_close(cpu.paged_attention(q, pool, batch, kv_heads).float(), expected,
+                                   **(dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else CHECK[dtype]))
         ms = {}
         for name, fn in (("torch", _attention_reference), ("ours", cpu.paged_attention)):
             times = []
@@ -186,34 +204,79 @@ def attention_table(repeats: int) -> None:
                 start = time.perf_counter()
                 fn(q, pool, batch, kv_heads)
                 times.append((time.perf_counter() - start) * 1e3)
-            ms[name] = min(times)
+            ms[name] = statistics.median(times)
+        results[(num_seqs, context)] = ms
         print(f"{num_seqs:>9} | {context[0]:>3}-{context[1]:<4} | {ms['torch']:>7.2f} ms | {ms['ours']:>7.2f} ms | "
               f"{ms['torch'] / ms['ours']:>9.1f}x")
+    return results
+
+
+def lora_table(args, dtype: torch.dtype) -> dict:
+    """Prints the table; returns {adapters: {method: ms}}."""
+    print(f"\ndecode step of {args.tokens} tokens, q+k+v of in {IN_DIM} -> out {OUT_DIMS}, ranks "
+          f"{'/'.join(map(str, RANKS))}, {dtype}; median of {args.repeats}")
+    header = (f"{'adapters':>8} | " + " | ".join(f"{name:>21}" for name in METHODS)
+              + " | loop/ours | bmm/ours | torch/ours")
+    print(header + "\n" + "-" * len(header))
+    results = {}
+    for num_adapters in args.adapters:
+        x32, y32, pool32, batch, group = build_step(num_adapters, args.tokens)
+        expected = loop_over_requests(x32, y32.clone(), pool32, batch, group)
+        x, y, pool, batch, group = build_step(num_adapters, args.tokens, dtype=dtype)
+        for fn in METHODS.values():
+            torch.testing.assert_close(fn(x, y.clone(), pool, batch, group).float(), expected, **CHECK[dtype])
+        ms = {name: time_ms(fn, x, y, pool, batch, group, args.repeats) for name, fn in METHODS.items()}
+        if dtype == torch.bfloat16 and cpu.native_bf16():  # the same C code without bf16 dot products
+            native, cpu._library = cpu._library, cpu.load_variant(cpu.GENERIC_BF16)
+            try:
+                ms["generic"] = time_ms(ours, x, y, pool, batch, group, args.repeats)
+            finally:
+                cpu._library = native
+        results[num_adapters] = ms
+        cells = " | ".join(f"{ms[name]:>18.2f} ms" for name in METHODS)
+        print(f"{num_adapters:>8} | {cells} | {ms['loop'] / ms['ours']:>8.1f}x | {ms['bmm'] / ms['ours']:>7.1f}x"
+              f" | {ms['torch'] / ms['ours']:>9.1f}x"
+              + (f" | C without bf16 dot products {ms['generic']:.2f} ms: {ms['generic'] / ms['ours']:.2f}x" if "generic" in ms else ""))
+    return results
+
+
+def across_dtypes(lora: dict, attention: dict) -> None:
+    """The C kernels in each dtype against float32 C and the torch reference, measured in this run."""
+    names = list(lora)
+    base = names[0]
+    print(f"\nthe C kernels across dtypes (ratios of medians measured in this run; > 1: the second is faster)")
+    header = (f"{'op':>26} | " + " | ".join(f"{'torch ' + n:>15} | {'C ' + n:>12}" for n in names)
+              + " | " + " | ".join(f"C {base} / C {n}" for n in names[1:])
+              + " | " + " | ".join(f"torch {n} / C {n}" for n in names[1:]))
+    print(header + "\n" + "-" * len(header))
+    rows = [(f"LoRA, {a} adapters", {n: lora[n][a] for n in names}) for a in lora[base]]
+    rows += [(f"attention, {s} seqs, {c[0]}-{c[1]}", {n: attention[n][(s, c)] for n in names}) for s, c in attention[base]]
+    for label, ms in rows:
+        cells = " | ".join(f"{ms[n]['torch']:>12.2f} ms | {ms[n]['ours']:>9.2f} ms" for n in names)
+        c_ratio = " | ".join(f"{ms[base]['ours'] / ms[n]['ours']:>{len(f'C {base} / C {n}')}.2f}x" for n in names[1:])
+        t_ratio = " | ".join(f"{ms[n]['torch'] / ms[n]['ours']:>{len(f'torch {n} / C {n}')}.2f}x" for n in names[1:])
+        print(f"{label:>26} | {cells} | {c_ratio} | {t_ratio}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64, 512])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (oversubscribed OpenMP is erratic)")
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=list(DTYPES),
+                        help="one or more; with several, a last table compares the C kernels across them")
+    parser.add_argument("--no-attention", action="store_true", help="LoRA tables only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; decode step of {args.tokens} tokens, "
-          f"q+k+v of in {IN_DIM} -> out {OUT_DIMS}, ranks {'/'.join(map(str, RANKS))}, fp32; best of {args.repeats}")
-    header = (f"{'adapters':>8} | " + " | ".join(f"{name:>21}" for name in METHODS)
-              + " | loop/ours | bmm/ours | torch/ours")
-    print(header + "\n" + "-" * len(header))
-    for num_adapters in args.adapters:
-        x, y, pool, batch, group = build_step(num_adapters, args.tokens)
-        expected = loop_over_requests(x, y.clone(), pool, batch, group)
-        for fn in METHODS.values():
-            torch.testing.assert_close(fn(x, y.clone(), pool, batch, group), expected, atol=1e-3, rtol=1e-3)
-        ms = {name: time_ms(fn, x, y, pool, batch, group, args.repeats) for name, fn in METHODS.items()}
-        cells = " | ".join(f"{ms[name]:>18.2f} ms" for name in METHODS)
-        print(f"{num_adapters:>8} | {cells} | {ms['loop'] / ms['ours']:>8.1f}x | {ms['bmm'] / ms['ours']:>7.1f}x"
-              f" | {ms['torch'] / ms['ours']:>9.1f}x")
-    attention_table(max(args.repeats, 5))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    lora, attention = {}, {}
+    for name in args.dtype:
+        lora[name] = lora_table(args, DTYPES[name])
+        if not args.no_attention:
+            attention[name] = attention_table(args.repeats, DTYPES[name])
+    if len(args.dtype) > 1:
+        across_dtypes(lora, attention if not args.no_attention else {n: {} for n in args.dtype})
 
 
 if __name__ == "__main__":

@@ -46,16 +46,24 @@ def _cpu_key() -> str:
     return platform.machine() + platform.processor()
 
 
-def library_path() -> Path:
+def library_path(extra_flags: tuple[str, ...] = ()) -> Path:
     root = Path(os.environ.get("LORAFLEET_KERNEL_CACHE") or Path.home() / ".cache" / "lorafleet" / "kernels")
     code = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
-    key = hashlib.sha256(code + " ".join(CFLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    return root / f"lorafleet-cpu-{key}.so"
+    key = hashlib.sha256(code + " ".join(CFLAGS + extra_flags).encode() + _cpu_key().encode()).hexdigest()[:16]
+    return root / (f"lorafleet-cpu-{key}.so" if not extra_flags else f"lorafleet-cpu-variant-{key}.so")
 
 
-def build() -> Path:
-    """Compiles the C kernels unless this machine's library exists; returns its path. Raises on failure."""
-    target = library_path()
+# A variant without the native bfloat16 kernels (the float32-converting loops every CPU gets), for
+# the tests and bench/kernels.py to hold both bfloat16 paths to the reference and to each other.
+GENERIC_BF16 = ("-DLORAFLEET_NO_NATIVE_BF16",)
+
+
+def build(extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compiles the C kernels unless this machine's library exists; returns its path. Raises on failure.
+
+    extra_flags: a variant (e.g. GENERIC_BF16), cached beside the library under its own key.
+    """
+    target = library_path(extra_flags)
     if target.is_file():
         return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -65,17 +73,30 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *CFLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([compiler, *CFLAGS, *extra_flags, "-o", tmp, *map(str, SOURCES), "-lm"],
+                              capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{compiler} failed on the CPU kernels: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: another process building at once gets a whole file too
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    for old in target.parent.glob("lorafleet-cpu-*.so"):  # older sources; a process using one keeps its mapping
-        if old != target:
-            old.unlink(missing_ok=True)
+    if not extra_flags:
+        for old in target.parent.glob("lorafleet-cpu-*.so"):  # older sources; a process using one keeps its mapping
+            if old != target and not old.name.startswith("lorafleet-cpu-variant-"):
+                old.unlink(missing_ok=True)
     return target
+
+
+def load_variant(extra_flags: tuple[str, ...]) -> ctypes.CDLL:
+    """A variant of the library, built if needed, for tests and benchmarks (the ops use library())."""
+    return _declare(ctypes.CDLL(str(build(extra_flags))))
+
+
+def native_bf16(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether the library's bfloat16 kernels use the CPU's bfloat16 dot products (AVX512-BF16)."""
+    lib = lib or library()
+    return lib is not None and bool(lib.lorafleet_native_bf16())
 
 
 def library() -> ctypes.CDLL | None:
@@ -102,6 +123,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"lora_expand_{suffix}").restype = None
         getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, p, i, p, p, i, i, i, i, ctypes.c_float, i]
         getattr(lib, f"paged_attention_{suffix}").restype = None
+    lib.lorafleet_native_bf16.argtypes = []
+    lib.lorafleet_native_bf16.restype = ctypes.c_int
     return lib
 
 

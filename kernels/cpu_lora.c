@@ -57,6 +57,18 @@ static inline void cursor_advance(cursor *c, int64_t n) {
     }
 }
 
+/* Moves n elements on, across any number of pages, without reading them. */
+static inline void cursor_skip(cursor *c, int64_t n) {
+    if (n < c->left) {
+        c->left -= n;
+        return;
+    }
+    n -= c->left;
+    c->page += 1 + n / c->page_dim;
+    c->left = c->page_dim - n % c->page_dim;
+    prefetch_page(c, c->page + 1);
+}
+
 /* Tokens are taken four at a time, so each weight loaded from the page feeds four FMAs. */
 #define DEFINE_LORA(T, SUFFIX)                                                                                  \
 void lora_shrink_##SUFFIX(                                                                                      \
@@ -186,5 +198,163 @@ void lora_expand_##SUFFIX(                                                      
 }
 
 DEFINE_LORA(float, f32)
-DEFINE_LORA(bf16, bf16)
 DEFINE_LORA(f16, f16)
+
+#if LORAFLEET_NATIVE_BF16
+/* bfloat16 with native dot products (AVX512-BF16): vdpbf16ps multiplies 32 pairs of bf16 exactly
+ * and adds them into 16 float32 lanes, so neither the activations nor the weights are converted
+ * or copied; accumulation stays in float32 and each result is rounded once, as above.
+ *
+ * Shrink: a row of A_g and a token's x are both contiguous along in_dim, the reduction axis, so
+ * each 32-element piece of the row is one load that feeds four tokens' dot products.
+ * Expand: the reduction runs over the rank, across rows of B_g^T, so rows c and c+1 are
+ * interleaved (unpacklo/hi) into pairs and multiplied by the broadcast pair (v[c], v[c+1]). The
+ * interleave permutes the outputs within each 32-block; the accumulators keep that order and are
+ * put back once, when added into y. */
+
+/* n <= 32 elements of one row (walking `c` across pages) into the low lanes, zeros above. */
+static inline __m512i load_row_bf16(cursor *c, int64_t n) {
+    const bf16 *p = CURSOR_PTR(bf16, *c);
+    if (c->left >= n) {
+        const __m512i v = _mm512_maskz_loadu_epi16(lanes_mask(n), p);
+        cursor_advance(c, n);
+        return v;
+    }
+    __m512i v = _mm512_setzero_si512();
+    for (int64_t filled = 0; filled < n;) { /* the 32 elements straddle page ends */
+        const int64_t take = c->left < n - filled ? c->left : n - filled;
+        v = _mm512_mask_expandloadu_epi16(v, (__mmask32)(lanes_mask(take) << filled), CURSOR_PTR(bf16, *c));
+        cursor_advance(c, take);
+        filled += take;
+    }
+    return v;
+}
+
+void lora_shrink_bf16(
+    const bf16 *x, int64_t x_stride, int64_t in_dim,
+    const bf16 *pool, int64_t page_dim, const int64_t *page_table, int64_t max_pages,
+    const int64_t *order, const int64_t *seg_start, const int64_t *seg_adapter, int64_t num_segs,
+    const int64_t *a_offset, const int64_t *rank, int64_t num_targets,
+    bf16 *s, int64_t max_rank, int64_t threads)
+{
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")
+    for (int64_t k = 0; k < num_segs; k++) {
+        const int64_t a = seg_adapter[k], first = seg_start[k], n = seg_start[k + 1] - first;
+        for (int64_t g = 0; g < num_targets; g++) {
+            const int64_t r = rank[a * num_targets + g];
+            if (r <= 0) continue;
+            cursor row = cursor_at(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
+                                   a_offset[a * num_targets + g]);
+            for (int64_t j = 0; j < r; j++) {
+                const cursor start = row;
+                for (int64_t i = 0; i < n; i += 4) { /* four tokens per pass over row j of A_g */
+                    const int64_t m = n - i < 4 ? n - i : 4;
+                    const bf16 *xt[4];
+                    for (int64_t u = 0; u < 4; u++) xt[u] = x + order[first + i + (u < m ? u : 0)] * x_stride;
+                    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+                    cursor cur = start;
+                    for (int64_t col = 0; col < in_dim; col += 32) {
+                        const int64_t len = in_dim - col < 32 ? in_dim - col : 32;
+                        const __mmask32 mask = lanes_mask(len);
+                        const __m512bh w = (__m512bh)load_row_bf16(&cur, len);
+                        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_maskz_loadu_epi16(mask, xt[0] + col), w);
+                        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_maskz_loadu_epi16(mask, xt[1] + col), w);
+                        acc2 = _mm512_dpbf16_ps(acc2, (__m512bh)_mm512_maskz_loadu_epi16(mask, xt[2] + col), w);
+                        acc3 = _mm512_dpbf16_ps(acc3, (__m512bh)_mm512_maskz_loadu_epi16(mask, xt[3] + col), w);
+                    }
+                    const float sums[4] = {_mm512_reduce_add_ps(acc0), _mm512_reduce_add_ps(acc1),
+                                           _mm512_reduce_add_ps(acc2), _mm512_reduce_add_ps(acc3)};
+                    for (int64_t u = 0; u < m; u++)
+                        store_bf16(s + (order[first + i + u] * num_targets + g) * max_rank + j, sums[u]);
+                    if (i + 4 >= n) row = cur; /* the walk is now at row j + 1 */
+                }
+            }
+        }
+    }
+}
+
+/* Tokens per pass over B_g^T in the expand: their float32 accumulators (16 x out) stay in L2. */
+#define EXPAND_TOKENS 16
+
+void lora_expand_bf16(
+    bf16 *y, int64_t y_stride, const int64_t *out_offset, const int64_t *out_dim,
+    const bf16 *s, int64_t max_rank, int64_t shards,
+    const bf16 *pool, int64_t page_dim, const int64_t *page_table, int64_t max_pages,
+    const int64_t *order, const int64_t *seg_start, const int64_t *seg_adapter, int64_t num_segs,
+    const int64_t *b_offset, const int64_t *rank, const float *scale, int64_t num_targets, int64_t threads)
+{
+    /* lane l of the first/second half of an un-permuted 32-block comes from this lane of lo|hi */
+    int32_t first_idx[16], second_idx[16];
+    for (int o = 0; o < 32; o++) {
+        const int from = (o % 8 < 4 ? 0 : 16) + (o / 8) * 4 + o % 4;
+        if (o < 16) first_idx[o] = from; else second_idx[o - 16] = from;
+    }
+    const __m512i idx0 = _mm512_loadu_si512(first_idx), idx1 = _mm512_loadu_si512(second_idx);
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")
+    for (int64_t k = 0; k < num_segs; k++) {
+        const int64_t a = seg_adapter[k], first = seg_start[k], n_all = seg_start[k + 1] - first;
+        for (int64_t g = 0; g < num_targets; g++) {
+            const int64_t r = rank[a * num_targets + g];
+            if (r <= 0) continue;
+            const int64_t width = shards * r, pairs = (width + 1) / 2, out = out_dim[g], blocks = (out + 31) / 32;
+            const __m512 sc = _mm512_set1_ps(scale[a * num_targets + g]);
+            uint32_t *v = malloc(sizeof(uint32_t) * EXPAND_TOKENS * pairs); /* (v[c], v[c+1]) per token */
+            float *acc = aligned_alloc(64, sizeof(float) * EXPAND_TOKENS * blocks * 32);
+            for (int64_t i0 = 0; i0 < n_all; i0 += EXPAND_TOKENS) {
+                const int64_t n = n_all - i0 < EXPAND_TOKENS ? n_all - i0 : EXPAND_TOKENS;
+                for (int64_t i = 0; i < n; i++) {
+                    const bf16 *st = s + (order[first + i0 + i] * num_targets + g) * shards * max_rank;
+                    bf16 *vi = (bf16 *)(v + i * pairs);
+                    for (int64_t j = 0; j < shards; j++)
+                        for (int64_t c = 0; c < r; c++) vi[j * r + c] = st[j * max_rank + c];
+                    if (width % 2) vi[width] = 0;
+                }
+                for (int64_t e = 0; e < n * blocks * 32; e += 16) _mm512_store_ps(acc + e, _mm512_setzero_ps());
+                cursor cur = cursor_at(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
+                                       b_offset[a * num_targets + g]);
+                for (int64_t c = 0; c < width; c += 2) {
+                    cursor next = cur; /* row c + 1 starts where row c ends */
+                    cursor_skip(&next, out);
+                    for (int64_t b = 0; b < blocks; b++) {
+                        const int64_t len = out - b * 32 < 32 ? out - b * 32 : 32;
+                        const __m512i w0 = load_row_bf16(&cur, len);
+                        const __m512i w1 = c + 1 < width ? load_row_bf16(&next, len) : _mm512_setzero_si512();
+                        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(w0, w1);
+                        const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(w0, w1);
+                        for (int64_t i = 0; i < n; i++) {
+                            const __m512bh vv = (__m512bh)_mm512_set1_epi32((int32_t)v[i * pairs + c / 2]);
+                            float *d = acc + (i * blocks + b) * 32;
+                            _mm512_store_ps(d, _mm512_dpbf16_ps(_mm512_load_ps(d), lo, vv));
+                            _mm512_store_ps(d + 16, _mm512_dpbf16_ps(_mm512_load_ps(d + 16), hi, vv));
+                        }
+                    }
+                    cur = next; /* now at row c + 2 */
+                }
+                for (int64_t i = 0; i < n; i++) {
+                    bf16 *yt = y + order[first + i0 + i] * y_stride + out_offset[g];
+                    for (int64_t b = 0; b < blocks; b++) {
+                        const float *d = acc + (i * blocks + b) * 32;
+                        const __m512 lo = _mm512_load_ps(d), hi = _mm512_load_ps(d + 16);
+                        const int64_t len = out - b * 32 < 32 ? out - b * 32 : 32;
+                        const __mmask32 mask = lanes_mask(len);
+                        const __m512i yb = _mm512_maskz_loadu_epi16(mask, yt + b * 32);
+                        /* bf16 -> float32: the 16 bits go to the top of each lane */
+                        const __m512 y0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(yb)), 16));
+                        const __m512 y1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(yb, 1)), 16));
+                        const __m512 r0 = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, idx0, hi), sc, y0);
+                        const __m512 r1 = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, idx1, hi), sc, y1);
+                        _mm512_mask_storeu_epi16(yt + b * 32, mask, (__m512i)_mm512_cvtne2ps_pbh(r1, r0));
+                    }
+                }
+            }
+            free(v);
+            free(acc);
+        }
+    }
+}
+#else
+DEFINE_LORA(bf16, bf16)
+#endif
+
+/* 1 when the bfloat16 kernels above use native dot products (kernels/cpu.py asks, the tests check). */
+int lorafleet_native_bf16(void) { return LORAFLEET_NATIVE_BF16; }

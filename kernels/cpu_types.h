@@ -31,4 +31,16 @@ static inline void store_bf16(bf16 *p, float v) {  /* round to nearest even, as 
 static inline float load_f16(const f16 *p) { return (float)(*p); }
 static inline void store_f16(f16 *p, float v) { *p = (f16)v; }
 
+/* Native bfloat16 dot products (vdpbf16ps), decided when the library is compiled: the build uses
+ * -march=native and the library's cache key includes the CPU's flags, so a library with them runs
+ * only on a CPU that has them. Without them the generic float32-converting loops are compiled. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__) && !defined(LORAFLEET_NO_NATIVE_BF16)
+#define LORAFLEET_NATIVE_BF16 1
+#include <immintrin.h>
+/* the low n (0..32) lanes of a 32-lane mask */
+static inline __mmask32 lanes_mask(int64_t n) { return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1u); }
+#else
+#define LORAFLEET_NATIVE_BF16 0
+#endif
+
 #endif

@@ -64,11 +64,54 @@ def test_mixed_ranks_and_missing_targets(make_lora_case, dtype, num_adapters):
 
 
 @pytest.mark.parametrize("page_dim", [7, 100, 1024])
-def test_rows_across_pages_rank_256_and_wide_outputs(make_lora_case, lora_tokens, page_dim):
-    """Rows of A and B^T start and end anywhere in a page, or span several pages."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_across_pages_rank_256_and_wide_outputs(make_lora_case, lora_tokens, page_dim, dtype):
+    """Rows of A and B^T start and end anywhere in a page, or span several pages (a 32-element
+    block of the bfloat16 kernels then reads from up to six pages)."""
     tokens = lora_tokens([(0, 20), (-1, 2), (1, 9), (0, 1)])
-    case = make_lora_case([[256, 32], [2, 256]], tokens, in_dim=144, out_dims=(160, 40), page_dim=page_dim, seed=3)
+    case = make_lora_case([[256, 32], [2, 256]], tokens, in_dim=144, out_dims=(160, 40), page_dim=page_dim,
+                          dtype=dtype, seed=3)
     assert_matches_reference(case)
+
+
+def test_native_bfloat16_kernels_are_built_where_the_cpu_has_them():
+    """-march=native on a CPU with AVX512-BF16 must give the dot-product kernels, not the fallback."""
+    flags = next((set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo") if line.startswith("flags")), set())
+    assert cpu.native_bf16() == ({"avx512_bf16", "avx512bw", "avx512_vbmi2"} <= flags)
+    assert not cpu.native_bf16(cpu.load_variant(cpu.GENERIC_BF16))
+
+
+@pytest.fixture(params=["native", "generic"])
+def bf16_library(request, monkeypatch):
+    """Both bfloat16 paths of the C library: the native one (this machine's) and the fallback."""
+    if request.param == "generic":
+        monkeypatch.setattr(cpu, "_library", cpu.load_variant(cpu.GENERIC_BF16))
+    return request.param
+
+
+@pytest.mark.parametrize("layout", ["packed", "interleaved"])
+def test_both_bfloat16_paths_match_the_reference(make_lora_case, bf16_library, layout):
+    """Odd ranks (an expand row pair padded with zero), odd dims (masked tails), 17+ tokens of one
+    adapter (more than one pass of the expand's token block), idle adapters and base-only tokens."""
+    gen = torch.Generator().manual_seed(21)
+    ranks = [[1, 3, 0], [5, 0, 7], [64, 33, 2], [0, 0, 9]]
+    tokens = [0] * 3 + [2] * 19 + [-1] * 2 + [1] * 5 + torch.randint(-1, 3, (9,), generator=gen).tolist()
+    case = make_lora_case(ranks, tokens, in_dim=45, out_dims=(33, 31, 64), page_dim=13, dtype=torch.bfloat16,
+                          layout=layout, seed=21)
+    assert_matches_reference(case)
+
+
+def test_native_and_generic_bfloat16_agree_to_rounding(make_lora_case, lora_tokens, monkeypatch):
+    """Both accumulate in float32: they differ only in the order of the sums, so at most an ulp of bf16."""
+    case = make_lora_case([[16, 8, 64]] * 3, lora_tokens(PREFILL), dtype=torch.bfloat16, seed=8)
+    native_s = cpu.shrink(case.x, case.pool, case.batch, case.group)
+    native_y = cpu.expand(case.y.clone(), native_s, case.pool, case.batch, case.group)
+    monkeypatch.setattr(cpu, "_library", cpu.load_variant(cpu.GENERIC_BF16))
+    generic_s = cpu.shrink(case.x, case.pool, case.batch, case.group)
+    generic_y = cpu.expand(case.y.clone(), native_s, case.pool, case.batch, case.group)
+    ulp = lambda t: t.float().abs().clamp_min(1e-3) * 2.0 ** -7  # noqa: E731 (bf16 keeps 8 significant bits)
+    assert ((native_s.float() - generic_s.float()).abs() <= ulp(generic_s)).all()
+    assert ((native_y.float() - generic_y.float()).abs() <= ulp(generic_y)).all()
 
 
 def test_padded_shrink_width_and_idle_adapter(make_lora_case, lora_tokens):
@@ -79,9 +122,10 @@ def test_padded_shrink_width_and_idle_adapter(make_lora_case, lora_tokens):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_expand_sums_all_gathered_shards(make_lora_case, lora_tokens, dtype):
-    """Tensor parallelism: s is (T, G, 2 * R), two shrink outputs, and B_g has 2 * r columns."""
+    """Tensor parallelism: s is (T, G, 2 * R), two shrink outputs, and B_g has 2 * r columns
+    (with r = 3, the bfloat16 expand's row pairs straddle the two shards)."""
     tokens = lora_tokens([(0, 5), (-1, 1), (1, 2), (0, 1)])
-    case = make_lora_case([[4, 0, 8], [16, 8, 2]], tokens, dtype=dtype, max_rank=20, shards=2, seed=13)
+    case = make_lora_case([[4, 0, 3], [16, 8, 2]], tokens, dtype=dtype, max_rank=20, shards=2, seed=13)
     s = torch.randn(len(tokens), 3, 2 * 20).to(dtype)
     expected = _expand_reference(case.y.clone(), s, case.pool, case.batch, case.group)
     y = cpu.expand(case.y.clone(), s, case.pool, case.batch, case.group)
