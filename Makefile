@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 50051
 METRICS_PORT ?= 9400
 
-.PHONY: install serve test demo bench bench-offline clean
+.PHONY: install serve test demo bench bench-offline roofline gpu-check clean
 
 PROTO := proto/lorafleet/v1/lorafleet.proto
 STUBS := proto/lorafleet/v1/lorafleet_pb2_grpc.py
@@ -53,6 +53,15 @@ bench: install demo
 # The offline benchmark of issue 2 (lorafleet run vs PEFT, in-process).
 bench-offline: install demo
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/offline.py --model $(DEMO_MODEL)
+
+# The roofline report of issue 16 (matmul peak per dtype, engine steps against it, per-op times).
+roofline: install demo
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python bench/roofline.py --model $(DEMO_MODEL)
+
+# The CUDA path on a real GPU (Triton kernels compiled, engine = PEFT on CUDA, offline benchmark of a
+# random 1B Llama); under 8 minutes on one GPU. Without CUDA it says so and fails. Not part of `make test`.
+gpu-check: install
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(CACHE)
