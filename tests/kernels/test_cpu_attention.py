@@ -68,3 +68,29 @@ def test_bad_metadata_is_refused_before_the_c_code_reads_memory(make_attention_c
     case.batch.context_lens[1] = case.batch.page_table.shape[1] + 1
     with pytest.raises(ValueError, match="disagree"):
         cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
+
+
+@pytest.fixture(params=["native", "generic"])
+def bf16_library(request, monkeypatch):
+    """Both bfloat16 paths of the C library: dot products (AVX512-BF16, this machine) and the fallback."""
+    if request.param == "generic":
+        monkeypatch.setattr(cpu, "_library", cpu.load_variant(cpu.GENERIC_BF16))
+    return request.param
+
+
+@pytest.mark.parametrize("head_dim", [16, 40, 64, 128, 272])
+def test_both_bfloat16_paths_match_the_reference(make_attention_case, bf16_library, head_dim):
+    """Head sizes of one, two, four and eight 16-lane registers, one with a masked tail (40) and one
+    past the native kernel's 256 (its generic fallback); contexts that are and are not multiples of
+    the 16 keys scored at once (1, 16, 17, 33, 150), prefill and decode in one step."""
+    steps = [(17, 1), (150, 40), (16, 1), (1, 1), (33, 33)]
+    case = make_attention_case(steps, num_kv_heads=2, ratio=3, head_dim=head_dim, dtype=torch.bfloat16, seed=head_dim)
+    assert_matches_reference(case)
+
+
+def test_bfloat16_softmax_survives_large_scores(make_attention_case, bf16_library):
+    """Scores of several hundred: the max is taken before exp, so nothing overflows to inf or NaN."""
+    case = make_attention_case(STEPS["mixed"], num_kv_heads=1, ratio=2, head_dim=64, dtype=torch.bfloat16, seed=9)
+    case.q.mul_(40)
+    assert_matches_reference(case)
+    assert torch.isfinite(cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)).all()
