@@ -205,9 +205,21 @@ def attention_table(repeats: int, dtype: torch.dtype) -> dict:
                 fn(q, pool, batch, kv_heads)
                 times.append((time.perf_counter() - start) * 1e3)
             ms[name] = statistics.median(times)
+        if dtype == torch.bfloat16 and cpu.native_bf16():  # the same C code without bf16 dot products
+            native, cpu._library = cpu._library, cpu.load_variant(cpu.GENERIC_BF16)
+            try:
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    cpu.paged_attention(q, pool, batch, kv_heads)
+                    times.append((time.perf_counter() - start) * 1e3)
+                ms["generic"] = statistics.median(times)
+            finally:
+                cpu._library = native
         results[(num_seqs, context)] = ms
         print(f"{num_seqs:>9} | {context[0]:>3}-{context[1]:<4} | {ms['torch']:>7.2f} ms | {ms['ours']:>7.2f} ms | "
-              f"{ms['torch'] / ms['ours']:>9.1f}x")
+              f"{ms['torch'] / ms['ours']:>9.1f}x"
+              + (f" | C without bf16 dot products {ms['generic']:.2f} ms: {ms['generic'] / ms['ours']:.2f}x" if "generic" in ms else ""))
     return results
 
 

@@ -247,27 +247,45 @@ void lora_shrink_bf16(
                                    a_offset[a * num_targets + g]);
             for (int64_t j = 0; j < r; j++) {
                 const cursor start = row;
-                for (int64_t i = 0; i < n; i += 4) { /* four tokens per pass over row j of A_g */
-                    const int64_t m = n - i < 4 ? n - i : 4;
-                    const bf16 *xt[4];
-                    for (int64_t u = 0; u < 4; u++) xt[u] = x + order[first + i + (u < m ? u : 0)] * x_stride;
+                cursor cur = start;
+                int64_t i = 0;
+                for (; i + 4 <= n; i += 4) { /* four tokens per pass over row j of A_g */
+                    const bf16 *x0 = x + order[first + i] * x_stride, *x1 = x + order[first + i + 1] * x_stride;
+                    const bf16 *x2 = x + order[first + i + 2] * x_stride, *x3 = x + order[first + i + 3] * x_stride;
                     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-                    cursor cur = start;
+                    cur = start;
                     for (int64_t col = 0; col < in_dim; col += 32) {
                         const int64_t len = in_dim - col < 32 ? in_dim - col : 32;
                         const __mmask32 mask = lanes_mask(len);
                         const __m512bh w = (__m512bh)load_row_bf16(&cur, len);
-                        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_maskz_loadu_epi16(mask, xt[0] + col), w);
-                        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_maskz_loadu_epi16(mask, xt[1] + col), w);
-                        acc2 = _mm512_dpbf16_ps(acc2, (__m512bh)_mm512_maskz_loadu_epi16(mask, xt[2] + col), w);
-                        acc3 = _mm512_dpbf16_ps(acc3, (__m512bh)_mm512_maskz_loadu_epi16(mask, xt[3] + col), w);
+                        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_maskz_loadu_epi16(mask, x0 + col), w);
+                        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_maskz_loadu_epi16(mask, x1 + col), w);
+                        acc2 = _mm512_dpbf16_ps(acc2, (__m512bh)_mm512_maskz_loadu_epi16(mask, x2 + col), w);
+                        acc3 = _mm512_dpbf16_ps(acc3, (__m512bh)_mm512_maskz_loadu_epi16(mask, x3 + col), w);
                     }
-                    const float sums[4] = {_mm512_reduce_add_ps(acc0), _mm512_reduce_add_ps(acc1),
-                                           _mm512_reduce_add_ps(acc2), _mm512_reduce_add_ps(acc3)};
-                    for (int64_t u = 0; u < m; u++)
-                        store_bf16(s + (order[first + i + u] * num_targets + g) * max_rank + j, sums[u]);
-                    if (i + 4 >= n) row = cur; /* the walk is now at row j + 1 */
+                    store_bf16(s + (order[first + i] * num_targets + g) * max_rank + j, _mm512_reduce_add_ps(acc0));
+                    store_bf16(s + (order[first + i + 1] * num_targets + g) * max_rank + j, _mm512_reduce_add_ps(acc1));
+                    store_bf16(s + (order[first + i + 2] * num_targets + g) * max_rank + j, _mm512_reduce_add_ps(acc2));
+                    store_bf16(s + (order[first + i + 3] * num_targets + g) * max_rank + j, _mm512_reduce_add_ps(acc3));
                 }
+                for (; i < n; i++) { /* the rest one by one: a decode token costs one pass, no idle lanes */
+                    const bf16 *xt = x + order[first + i] * x_stride;
+                    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0; /* two chains: the adds overlap */
+                    cur = start;
+                    int64_t col = 0;
+                    for (; col + 64 <= in_dim; col += 64) {
+                        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(xt + col), (__m512bh)load_row_bf16(&cur, 32));
+                        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(xt + col + 32), (__m512bh)load_row_bf16(&cur, 32));
+                    }
+                    for (; col < in_dim; col += 32) {
+                        const int64_t len = in_dim - col < 32 ? in_dim - col : 32;
+                        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_maskz_loadu_epi16(lanes_mask(len), xt + col),
+                                                (__m512bh)load_row_bf16(&cur, len));
+                    }
+                    store_bf16(s + (order[first + i] * num_targets + g) * max_rank + j,
+                               _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)));
+                }
+                row = cur; /* the walk is now at row j + 1 */
             }
         }
     }
