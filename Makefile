@@ -56,7 +56,7 @@ bench-offline: install demo
 
 # The roofline report of issue 16 (matmul peak per dtype, engine steps against it, per-op times).
 roofline: install demo
-	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python bench/roofline.py --model $(DEMO_MODEL)
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python bench/roofline.py --model $(DEMO_MODEL) --adapters $(DEMO_ADAPTERS)
 
 # The CUDA path on a real GPU (Triton kernels compiled, engine = PEFT on CUDA, offline benchmark of a
 # random 1B Llama); under 8 minutes on one GPU. Without CUDA it says so and fails. Not part of `make test`.

@@ -304,24 +304,28 @@ def report(args) -> str:
 
     torch.set_num_threads(args.threads)
     cfg = ModelConfig.from_dir(args.model)
-    names = adapter_names(args.adapters)
+    variants = [("base", None)] + ([(f"{len(adapter_names(args.adapters))} adapters", args.adapters)] if args.adapters else [])
     lines = [f"# Roofline: {Path(args.model).name}, {torch.get_num_threads()} torch thread(s)", "",
              f"torch {torch.__version__}; `{' '.join(sys.argv)}`", "",
              f"Steps: prefill-heavy = {args.prefill_seqs} prompts of {args.prompt_len} tokens in one step; "
              f"decode-only = {args.decode_seqs} sequences of {args.decode_context}+ tokens, one new token each; "
-             f"adapters: {'none' if args.adapters is None else ', '.join(names)} (round robin). "
+             f"base: no adapter" + (f"; with adapters: {', '.join(adapter_names(args.adapters))}, round robin over "
+                                    f"the requests" if args.adapters else "") + ". "
              f"Times are medians of {args.repeats}; the machine is shared, so compare ratios within one run.", ""]
     peaks, results = {}, {}
     for name in args.dtype:
         dtype = DTYPES[name]
         rates = matmul_rates(cfg, dtype, args.repeats)
         peaks[name] = (max(rates.values()), max(rates, key=rates.get), rates)
-        engine = make_engine(args.model, args.adapters, name, max(args.decode_seqs, args.prefill_seqs),
-                             max(2048, args.prefill_seqs * args.prompt_len, args.decode_seqs * args.decode_context))
-        try:
-            results[name] = {kind: measure_steps(engine, cfg, args, names, kind) for kind in ("prefill", "decode")}
-        finally:
-            engine.shutdown()
+        for label, folder in variants:
+            engine = make_engine(args.model, folder, name, max(args.decode_seqs, args.prefill_seqs),
+                                 max(2048, args.prefill_seqs * args.prompt_len, args.decode_seqs * args.decode_context))
+            try:
+                for kind in ("prefill", "decode"):
+                    results.setdefault(name, {})[f"{kind}, {label}"] = measure_steps(
+                        engine, cfg, args, adapter_names(folder), kind)
+            finally:
+                engine.shutdown()
         print(f"{name}: done", file=sys.stderr)
 
     lines += ["## Matmul rate of F.linear at the model's shapes (GFLOP/s)", ""]
@@ -348,7 +352,7 @@ def report(args) -> str:
     if len(results) > 1:
         first, *rest = list(results)
         for other in rest:
-            for kind in ("prefill", "decode"):
+            for kind in results[first]:
                 ratio = results[other][kind]["seconds"] / results[first][kind]["seconds"]
                 lines.append("")
                 lines.append(f"{kind} step: {other} takes {ratio:.2f}x the time of {first} (same run)")
