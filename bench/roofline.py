@@ -243,8 +243,18 @@ def add_requests(engine, tag: str, count: int, prompt_len: int, new_tokens: int,
     from lorafleet.coordinator.sequence import Request
 
     vocab = engine.model.vocab_size
-    return [engine.add(Request(f"{tag}-{i}", [rng.randrange(10, vocab) for _ in range(prompt_len)], new_tokens,
-                               names[i % len(names)], ignore_eos=True)) for i in range(count)]
+    return [admit(engine, Request(f"{tag}-{i}", [rng.randrange(10, vocab) for _ in range(prompt_len)], new_tokens,
+                                  names[i % len(names)], ignore_eos=True)) for i in range(count)]
+
+
+def admit(engine, request):
+    """Reads the request's adapter on this thread first, as `lorafleet run` does (the engine admits
+    only requests whose adapter is host-ready), stepping while host memory must free up."""
+    for _ in range(10_000):
+        if request.adapter is None or engine.ensure_adapter(request.adapter) is not None:
+            return engine.add(request)
+        engine.step()
+    raise RuntimeError(f"adapter {request.adapter} never fit in host memory")
 
 
 def drain(engine, max_steps: int = 100_000) -> None:

@@ -58,13 +58,17 @@ def make_adapters(model: Path, root: Path, count: int, rank: int) -> list[str]:
 
 
 def measure(model: Path, adapters: Path, names: list[str], tp: int, fused: bool, seqs: int, steps: int) -> dict:
+    from ablations import unfused_executor  # bench/ is this script's folder
+
     from lorafleet.coordinator.config import EngineConfig
     from lorafleet.coordinator.engine import Engine
     from lorafleet.coordinator.sequence import Request
 
-    engine = Engine(EngineConfig(str(model), str(adapters), tp=tp, fuse_lora_comm=fused, pool_bytes=256 * 2**20, max_num_seqs=seqs))
+    cfg = EngineConfig(str(model), str(adapters), tp=tp, pool_bytes=256 * 2**20, max_num_seqs=seqs)
+    engine = Engine(cfg, None if fused else unfused_executor(cfg))
     try:
         for i in range(seqs):
+            engine.ensure_adapter(names[i % len(names)])
             engine.add(Request(str(i), [5 + i, 6, 7, 8], steps + 2, names[i % len(names)], ignore_eos=True))
         engine.step()  # prefill
         engine.step()  # a warm decode step

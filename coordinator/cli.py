@@ -33,8 +33,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="on CUDA: size the pool as this fraction of free device memory instead of --pool-bytes")
     p.add_argument("--host-cache-bytes", type=parse_bytes, default=parse_bytes("2GiB"),
                    help="CPU memory for loaded adapters, least recently used out first")
-    p.add_argument("--separate-adapter-pool", type=float, default=None, metavar="FRACTION",
-                   help="ablation: keep this fraction of the pool for adapters only instead of one unified pool")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch at most")
     p.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens in one step at most")
 
@@ -47,7 +45,6 @@ def engine_config(args):
         pool_bytes=None if args.pool_fraction is not None else args.pool_bytes,
         pool_fraction=args.pool_fraction or 0.9, host_cache_bytes=args.host_cache_bytes, max_lora_rank=args.max_lora_rank,
         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens, ray_address=args.ray_address,
-        separate_adapter_pages=args.separate_adapter_pool,
     )
 
 

@@ -22,8 +22,6 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_queue: int = 4096
-    fuse_lora_comm: bool = True  # False only for bench/tp_comm.py's comparison
-    separate_adapter_pages: float | None = None  # ablation: this fraction of the pool for adapters only
     ray_address: str | None = None  # None: an embedded Ray when tp > 1
 
     def __post_init__(self):
@@ -34,10 +32,10 @@ class EngineConfig:
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
-        if self.separate_adapter_pages is not None and not 0 < self.separate_adapter_pages < 1:
-            raise ValueError("--separate-adapter-pool must be a fraction in (0, 1)")
         if self.tp < 1:
             raise ValueError(f"--tp must be at least 1, got {self.tp}")
+        if self.host_cache_bytes < 0:
+            raise ValueError("--host-cache-bytes must be >= 0")
         for name in ("max_lora_rank", "max_num_seqs", "max_batched_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -45,6 +43,5 @@ class EngineConfig:
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(
             model_dir=self.model_dir, dtype=self.dtype, device=self.device, pool_bytes=self.pool_bytes,
-            pool_fraction=self.pool_fraction, fuse_lora_comm=self.fuse_lora_comm,
-            host_cache_bytes=self.host_cache_bytes, max_lora_rank=self.max_lora_rank,
+            pool_fraction=self.pool_fraction, max_lora_rank=self.max_lora_rank,
         )

@@ -6,6 +6,7 @@ from pathlib import Path
 from ..worker.step import SamplingParams
 from .config import EngineConfig
 from .engine import Engine
+from .run import Job, drive
 from .sequence import Request
 
 QUESTIONS = ("What is the capital of France?", "Give me one tip for writing clear code.")
@@ -16,16 +17,14 @@ def run_demo(cfg: EngineConfig, max_new_tokens: int = 48) -> int:
     if engine.tokenizer is None:
         raise ValueError(f"{cfg.model_dir} has no tokenizer.json; the demo needs text")
     names = sorted(p.name for p in Path(cfg.adapters_dir).iterdir() if (p / "adapter_config.json").is_file()) if cfg.adapters_dir else []
-    seqs = []
+    jobs = []
     for adapter in [None] + names:
         for q in QUESTIONS:
             ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": q}])
-            req = Request(f"{adapter}:{q}", ids, max_new_tokens, adapter, SamplingParams())
-            seqs.append((adapter, q, engine.add(req)))
-    while engine.has_work():
-        engine.step()
-    for adapter, q, seq in seqs:
-        answer = engine.tokenizer.decode(seq.output_ids).strip().replace("\n", " ")
+            jobs.append((adapter, q, Job(Request(f"{adapter}:{q}", ids, max_new_tokens, adapter, SamplingParams()))))
+    drive(engine, [job for _, _, job in jobs])
+    for adapter, q, job in jobs:
+        answer = (job.error or job.text).strip().replace("\n", " ")
         print(f"[{adapter or 'base model'}] {q}\n    {answer}\n")
     engine.shutdown()
     return 0

@@ -1,109 +1,155 @@
-"""The engine of one replica: schedule -> execute on every rank -> postprocess."""
+"""The state of one replica and the only code that changes it: the scheduler (queue, batch,
+page plan), the adapter table, and the workers (one executor over every rank).
+
+Each iteration is schedule -> execute on every rank -> postprocess. The Replica (replica.py)
+drives an Engine from its own thread, with adapter reads on a loader thread; `lorafleet run`
+drives one from a plain loop and reads adapters inline. Either way the same methods move
+requests and adapters through their states.
+"""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Callable
 
+from ..worker.adapter_store import AdapterInfo
 from ..worker.adapters import AdapterError
 from ..worker.executor import make_executor
-from ..worker.step import SamplingParams
-from ..worker.worker import AdapterInfo
-from .adapters import AdapterEntry, AdapterRegistry
+from .adapters import AdapterEntry, AdapterState, AdapterTable
 from .config import EngineConfig
 from .pages import PagePlan
+from .request import RequestParser
 from .scheduler import Output, Scheduler, SchedulerConfig
-from .sequence import Request, Sequence
+from .sequence import Request, Sequence, Status
 from .tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
 
-class InvalidRequest(ValueError):
-    """A request with a bad field; the message says which and what is allowed."""
+
+class AdapterNotReady(RuntimeError):
+    """A request reached the scheduler before its adapter was read: a bug in the caller."""
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig, executor=None):
+    def __init__(self, cfg: EngineConfig, executor=None, page_plan: Callable[[int], PagePlan] = PagePlan):
+        """page_plan: builds the page accounting from the pool's page count (bench/ injects ablations)."""
         self.cfg = cfg
         self.executor = executor or make_executor(cfg.worker_config(), cfg.tp, cfg.ray_address)
         info = self.executor.call_all("info")[0]
         self.model = info.model
         max_len = min(cfg.max_model_len or self.model.max_position, self.model.max_position)
-        self.scheduler = Scheduler(
-            SchedulerConfig(cfg.max_num_seqs, cfg.max_batched_tokens, max_len),
-            PagePlan(info.num_pages, _adapter_capacity(cfg, info.num_pages)), eos_ids=self.model.eos_token_ids,
-        )
-        self.registry = AdapterRegistry(cfg.adapters_dir)
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_batched_tokens, max_len),
+                                   page_plan(info.num_pages), eos_ids=self.model.eos_token_ids)
+        self.adapters = AdapterTable(cfg.adapters_dir, cfg.host_cache_bytes)
         self.tokenizer = Tokenizer(cfg.model_dir) if Tokenizer.exists(cfg.model_dir) else None
+        self.parser = RequestParser(self.tokenizer, self.model.vocab_size)
+        self.steps = 0
+        self._dropped: list[str] = []  # host copies the next Step tells the workers to drop
 
     # ------------------------------------------------------------- adapters
 
-    def ensure_adapter(self, name: str, path: str | None = None) -> AdapterEntry:
-        """Registers an adapter on every rank (read, checked, packed into the host cache) once.
+    def want_adapter(self, name: str, path: str | None = None) -> AdapterEntry:
+        return self.adapters.want(name, path)
 
-        The synchronous form, for `lorafleet run`; the server runs the two halves on two threads
-        (EngineLoop.ensure_adapter) so that steps go on while the adapter is read.
-        """
-        if self.registry.known(name):
-            return self.registry.entries[name]
-        folder = self.registry.resolve(name, path)
-        return self.add_adapter(name, folder, self.read_adapter(name, folder))
+    def next_read(self) -> tuple[str, Path, int] | None:
+        """The next adapter to read (now READING), after dropping idle host copies to make room; None
+        if none is due, or if host memory is held by adapters that queued requests use: the read
+        starts when one of those finishes, so host memory stays within its bound (plus one adapter)."""
+        due = self.adapters.reads_due()
+        if not due:
+            return None
+        name = due[0]
+        known = self.adapters.get(name).info  # from an earlier read, if any
+        need = known.host_bytes if known else 0
+        self._drop_host_copies(self.adapters.over_capacity(keep=name, need=need))
+        held = self.adapters.host_bytes
+        if held and held + need > self.adapters.capacity:
+            return None
+        folder, generation = self.adapters.start_read(name)
+        return name, folder, generation
 
     def read_adapter(self, name: str, folder: Path) -> list[AdapterInfo]:
-        """The slow half: every rank reads, checks and packs the adapter into its host cache.
+        """The slow part, safe on any thread while steps run: every rank reads, checks and packs it
+        into host memory. Touches no coordinator state. Raises AdapterError."""
+        return self.executor.call_all("read_adapter", name, str(folder))
 
-        Safe on any thread while steps run (the workers lock their tables; it runs no collective).
-        Touches no coordinator state. Raises AdapterError.
-        """
-        return self.executor.call_all("register_adapter", name, str(folder))
+    def finish_read(self, name: str, generation: int, infos: list[AdapterInfo] | None = None,
+                    error: str | None = None) -> bool:
+        """Records a read's outcome (the ranks' reports, or the reason it failed); True if it counted."""
+        if error is not None:
+            return self.adapters.read_failed(name, generation, error)
+        if not self.adapters.read_done(name, generation, infos[0]):
+            return False
+        self.scheduler.adapter_pages[name] = infos[0].num_pages
+        self._drop_host_copies(self.adapters.over_capacity(keep=name))
+        return True
 
-    def add_adapter(self, name: str, folder: Path, infos: list[AdapterInfo]) -> AdapterEntry:
-        """The cheap half, on the engine thread: the registry entry and the pages the scheduler reserves."""
-        if self.registry.known(name):
-            return self.registry.entries[name]
-        entry = self.registry.add(name, folder, infos[0])
-        self.scheduler.adapter_pages[name] = entry.num_pages
+    def ensure_adapter(self, name: str, path: str | None = None) -> AdapterEntry | None:
+        """Brings an adapter to HOST_READY on this thread (`lorafleet run`, tests); None if host
+        memory must free up first (step, then call again). Raises AdapterError."""
+        entry = self.want_adapter(name, path)
+        while entry.state != AdapterState.HOST_READY:
+            if entry.state == AdapterState.FAILED:
+                raise AdapterError(name, entry.reason.removeprefix(f"adapter {name!r}: "))
+            read = self.next_read()
+            if read is None:
+                return None
+            read_name, folder, generation = read
+            try:
+                self.finish_read(read_name, generation, self.read_adapter(read_name, folder))
+            except AdapterError as e:
+                self.finish_read(read_name, generation, error=str(e))
         return entry
+
+    def _drop_host_copies(self, names: list[str]) -> None:
+        for name in names:
+            self.scheduler.unload_adapter(name)  # out of the pool too (no request uses it)
+        self._dropped += names
+
+    def unload_ready(self, name: str) -> bool:
+        """Forgets an UNLOADING adapter once no request uses it; True when it is gone."""
+        entry = self.adapters.get(name)
+        if entry is None:
+            return True
+        if entry.users:
+            return False
+        self.scheduler.unload_adapter(name)
+        self._dropped.append(name)
+        self.adapters.remove(name)
+        return True
+
+    def cancel_unload(self, name: str) -> None:
+        if not self.adapters.cancel_unload(name):
+            self._dropped.append(name)  # a read that finished during the unload left a copy
 
     # ------------------------------------------------------------- requests
 
-    def add(self, request: Request) -> Sequence:
-        self.validate(request)
-        if request.adapter is not None:
-            self.ensure_adapter(request.adapter).requests += 1
-        return self.scheduler.add(request)
+    def parse(self, fields) -> Request:
+        return self.parser.parse(fields)
 
-    def validate(self, r: Request) -> None:
-        vocab = self.model.vocab_size
-        if not r.prompt_ids:
-            raise InvalidRequest("the prompt is empty")
-        bad = [t for t in r.prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if r.max_new_tokens < 1:
-            raise InvalidRequest(f"max_new_tokens must be at least 1, got {r.max_new_tokens}")
-        bad = [t for t in r.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        check_sampling(r.sampling)
+    def add(self, request: Request) -> Sequence:
+        """Queues a request whose adapter is host-ready (the scheduler never waits on a read).
+        Raises RequestTooLarge."""
+        if request.adapter is not None:
+            entry = self.adapters.get(request.adapter)
+            if entry is None or entry.state != AdapterState.HOST_READY:
+                raise AdapterNotReady(f"adapter {request.adapter!r} is not read yet")
+        seq = self.scheduler.add(request)
+        if request.adapter is not None:
+            self.adapters.accepted(request.adapter)
+        return seq
 
     def abort(self, seq: Sequence, reason: str = "cancelled") -> None:
-        self.scheduler.abort(seq, reason)
+        if seq.status != Status.FINISHED:
+            self.scheduler.abort(seq, reason)
+            self._release(seq)
 
-    def adapter_users(self, name: str) -> int:
-        """Waiting and running sequences that use the adapter."""
-        return sum(1 for s in list(self.scheduler.waiting) + self.scheduler.running if s.adapter == name)
-
-    def unload_adapter(self, name: str) -> None:
-        """Forgets an adapter no sequence uses: out of the pool, the host cache and the registry."""
-        if self.adapter_users(name):
-            raise RuntimeError(f"adapter {name} is still in use")
-        self.scheduler.unload_adapter(name)
-        self.executor.call_all("forget_adapter", name)
-        self.registry.remove(name)
-
-    def host_cached_adapters(self) -> list[str]:
-        return self.executor.call_all("host_cached_adapters")[0]
+    def _release(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.adapters.released(seq.adapter)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._dropped)
 
     def busy(self) -> bool:
         """Sequences are waiting or running (finished ids alone can wait for the next step)."""
@@ -111,29 +157,18 @@ class Engine:
 
     def step(self) -> list[Output]:
         step = self.scheduler.schedule()
-        if not (step.seqs or step.finished or step.load_adapters or step.evicted_adapters):
+        step.dropped_adapters, self._dropped = self._dropped, []
+        if step.empty():
             return []
+        for name in list(step.load_adapters) + step.evicted_adapters:
+            self.adapters.changed.add(name)  # residency shows in the snapshot
         tokens = self.executor.call_all("execute", step)[0]
-        return self.scheduler.postprocess(tokens)
+        self.steps += 1
+        outputs = self.scheduler.postprocess(tokens)
+        for out in outputs:
+            if out.finished:
+                self._release(out.seq)
+        return outputs
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-
-
-def _adapter_capacity(cfg: EngineConfig, num_pages: int) -> int | None:
-    if cfg.separate_adapter_pages is None:
-        return None
-    return max(1, int(num_pages * cfg.separate_adapter_pages))
-
-
-def check_sampling(p: SamplingParams) -> None:
-    if not p.temperature >= 0 or p.temperature > 100:
-        raise InvalidRequest(f"temperature must be in [0, 100], got {p.temperature}")
-    if not 0 < p.top_p <= 1:
-        raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
-    if p.top_k < 0:
-        raise InvalidRequest(f"top_k must be >= 0 (0 = all tokens), got {p.top_k}")
-    if p.seed is not None and not 0 <= p.seed < 2**63:
-        raise InvalidRequest(f"seed must be in [0, 2^63), got {p.seed}")
-
-

@@ -22,43 +22,37 @@ class ResidentAdapter:
 
 @dataclass
 class PagePlan:
-    """Which pages each sequence and each resident adapter holds.
-
-    Unified (the default): KV and adapters draw on one free list. With `adapter_capacity`
-    the last that many pages serve adapters only and the rest KV only: S-LoRA's
-    "no-unify-mem" ablation, kept to measure what unifying buys.
-    """
+    """Which pages each sequence and each resident adapter holds: KV and adapters draw on one
+    free list (S-LoRA's unified memory). bench/ablations.py derives the separate-pools variant."""
 
     num_pages: int
-    adapter_capacity: int | None = None
     free: list[int] = field(init=False)
-    adapter_free: list[int] = field(init=False)
+    adapter_free: list[int] = field(init=False)  # where adapter pages come from: the same list here
     seq_pages: dict[int, list[int]] = field(default_factory=dict)
     adapters: OrderedDict[str, ResidentAdapter] = field(default_factory=OrderedDict)  # least recently used first
 
     def __post_init__(self):
-        split = self.num_pages - (self.adapter_capacity or 0)
-        if not 0 < split <= self.num_pages:
-            raise ValueError(f"adapter_capacity {self.adapter_capacity} leaves no KV pages in a pool of {self.num_pages}")
-        self.free = list(range(split - 1, -1, -1))  # pop() hands out low pages first
-        self.adapter_free = self.free if self.adapter_capacity is None else list(range(self.num_pages - 1, split - 1, -1))
-
-    @property
-    def unified(self) -> bool:
-        return self.adapter_free is self.free
+        if self.num_pages < 1:
+            raise ValueError("the pool has no pages")
+        self.free = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low pages first
+        self.adapter_free = self.free
 
     @property
     def kv_capacity(self) -> int:
-        return self.num_pages - (self.adapter_capacity or 0)
+        """The most pages sequences can ever hold together."""
+        return self.num_pages
+
+    @property
+    def adapter_capacity(self) -> int:
+        """The most pages adapters can ever hold together."""
+        return self.num_pages
 
     def fits(self, kv: int, adapter: int) -> bool:
-        if self.unified:
-            return kv + adapter <= len(self.free)
-        return kv <= len(self.free) and adapter <= len(self.adapter_free)
+        return kv + adapter <= len(self.free)
 
     def eviction_helps(self, kv: int, adapter: int) -> bool:
         """Would freeing an idle adapter bring (kv, adapter) closer to fitting?"""
-        return self.unified or adapter > len(self.adapter_free)
+        return True
 
     # ------------------------------------------------------------- sequences
 
@@ -121,7 +115,7 @@ class PagePlan:
 
     @property
     def free_pages(self) -> int:
-        return len(self.free) + (0 if self.unified else len(self.adapter_free))
+        return len(self.free)
 
     @property
     def kv_pages(self) -> int:
@@ -131,12 +125,14 @@ class PagePlan:
     def adapter_pages(self) -> int:
         return sum(len(a.pages) for a in self.adapters.values())
 
+    def owners(self) -> list[tuple[str, list[int]]]:
+        return ([(f"seq {s}", p) for s, p in self.seq_pages.items()] + [(f"adapter {a}", r.pages) for a, r in self.adapters.items()]
+                + [("free", self.free)])
+
     def check(self) -> None:
         """Raises PageAccountingError unless every page is free or has exactly one owner."""
         owners: dict[int, str] = {}
-        for owner, pages in [(f"seq {s}", p) for s, p in self.seq_pages.items()] + \
-                            [(f"adapter {a}", r.pages) for a, r in self.adapters.items()] + [("free", self.free)] + \
-                            ([] if self.unified else [("adapter free", self.adapter_free)]):
+        for owner, pages in self.owners():
             for page in pages:
                 if not 0 <= page < self.num_pages:
                     raise PageAccountingError(f"{owner} holds page {page}, outside the pool of {self.num_pages}")
@@ -145,10 +141,3 @@ class PagePlan:
                 owners[page] = owner
         if len(owners) != self.num_pages:
             raise PageAccountingError(f"{self.num_pages - len(owners)} pages leaked")
-        if not self.unified:
-            split = self.kv_capacity
-            for a in self.adapters.values():
-                if any(p < split for p in a.pages):
-                    raise PageAccountingError("an adapter holds a KV-only page")
-            if any(p >= split for pages in self.seq_pages.values() for p in pages):
-                raise PageAccountingError("a sequence holds an adapter-only page")

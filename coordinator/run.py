@@ -1,4 +1,4 @@
-"""`lorafleet run`: an offline batch from JSONL to JSONL through the engine."""
+"""`lorafleet run`: an offline batch from JSONL to JSONL through one engine on this thread."""
 from __future__ import annotations
 
 import json
@@ -8,128 +8,109 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from ..worker.adapters import AdapterError
-from ..worker.step import SamplingParams
 from .adapters import AdapterNotFound, AdapterPathDenied
-from .engine import Engine, InvalidRequest
+from .engine import Engine
+from .output import OutputProcessor
+from .request import InvalidRequest, fields_from_json
 from .scheduler import RequestTooLarge
 from .sequence import Request, Sequence
 
 REQUEST_ERRORS = (InvalidRequest, RequestTooLarge, AdapterError, AdapterNotFound, AdapterPathDenied)
-_FIELDS = {"id", "adapter", "prompt", "prompt_token_ids", "messages", "max_new_tokens", "temperature",
-           "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos"}
 
 
 @dataclass
-class _Line:
-    id: object
+class Job:
+    """One request of a batch and what became of it."""
+
+    request: Request
     seq: Sequence | None = None
+    processor: OutputProcessor | None = None
+    text: str = ""
+    finish_reason: str | None = None
     error: str | None = None
 
 
-def parse_request(engine: Engine, obj, number: int) -> Request:
-    """One input line as a Request; raises InvalidRequest with the field at fault."""
-    if isinstance(obj, InvalidRequest):
-        raise obj
-    if not isinstance(obj, dict):
-        raise InvalidRequest("each line must be a JSON object")
-    unknown = sorted(set(obj) - _FIELDS)
-    if unknown:
-        raise InvalidRequest(f"unknown field {unknown[0]!r}; fields are {', '.join(sorted(_FIELDS))}")
-    prompt_ids = _prompt_ids(engine, obj)
-    adapter = obj.get("adapter")
-    if adapter is not None and not isinstance(adapter, str):
-        raise InvalidRequest("adapter must be a string (a subfolder of --adapters) or null")
-    return Request(
-        request_id=str(obj.get("id", number)),
-        prompt_ids=prompt_ids,
-        max_new_tokens=_int(obj, "max_new_tokens", 16),
-        adapter=adapter or None,
-        sampling=SamplingParams(
-            temperature=_num(obj, "temperature", 0.0), top_p=_num(obj, "top_p", 1.0),
-            top_k=_int(obj, "top_k", 0), seed=_int(obj, "seed", None),
-        ),
-        stop_token_ids=tuple(_int_list(obj, "stop_token_ids")),
-        ignore_eos=_bool(obj, "ignore_eos"),
-    )
+def drive(engine: Engine, jobs: list[Job], window: int | None = None, on_finish=None, max_steps: int = 10_000_000) -> None:
+    """Runs every job to completion. Jobs enter the engine in order, at most `window` queued at a time
+    (default 2 x max_num_seqs), so only the adapters of those are held in host memory; an adapter
+    is read here, before its first request enters the scheduler."""
+    window = window or 2 * engine.cfg.max_num_seqs
+    pending, running, held = iter(jobs), {}, None
+    for _ in range(max_steps):
+        while len(engine.scheduler.waiting) < window:
+            job = held or next(pending, None)
+            if job is None:
+                break
+            held = None if _admit(engine, job, running, on_finish) else job
+            if held is not None:
+                break  # its adapter waits for host memory that the running requests hold
+        if not engine.has_work():
+            if held is not None:  # a bug: nothing runs that could free host memory
+                raise RuntimeError(f"request {held.request.request_id} waits for host memory that no request holds")
+            return  # the loop above admitted every job left
+        for out in engine.step():
+            job = running.get(out.seq.seq_id)
+            chunk = job.processor.push([out.token], out.seq.finish_reason if out.finished else None)
+            job.text += chunk.text
+            if chunk.finish_reason is not None:
+                job.finish_reason = chunk.finish_reason
+                if job.processor.stopped_by_string:
+                    engine.abort(out.seq, "stop")
+                del running[out.seq.seq_id]
+                if on_finish:
+                    on_finish(job)
+    raise RuntimeError(f"the batch did not finish within {max_steps} steps")
 
 
-def _prompt_ids(engine: Engine, obj: dict) -> list[int]:
-    given = [k for k in ("prompt_token_ids", "prompt", "messages") if obj.get(k) is not None]
-    if len(given) != 1:
-        raise InvalidRequest("give exactly one of prompt_token_ids, prompt or messages")
-    if given[0] == "prompt_token_ids":
-        return _int_list(obj, "prompt_token_ids")
-    if engine.tokenizer is None:
-        raise InvalidRequest(f"{given[0]} needs a tokenizer.json in the model folder; send prompt_token_ids")
-    if given[0] == "prompt":
-        if not isinstance(obj["prompt"], str):
-            raise InvalidRequest("prompt must be a string")
-        return engine.tokenizer.encode(obj["prompt"])
-    messages = obj["messages"]
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
-        raise InvalidRequest("messages must be a list of {role, content} objects")
+def _admit(engine: Engine, job: Job, running: dict, on_finish) -> bool:
+    """False if the job must wait for host memory; True once it runs or has failed."""
     try:
-        return engine.tokenizer.apply_chat_template(messages)
-    except ValueError as e:
-        raise InvalidRequest(str(e)) from e
-
-
-def _int(obj, key, default):
-    v = obj.get(key, default)
-    if v is default:
-        return v
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise InvalidRequest(f"{key} must be an integer, got {v!r}")
-    return v
-
-
-def _num(obj, key, default):
-    v = obj.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InvalidRequest(f"{key} must be a number, got {v!r}")
-    return float(v)
-
-
-def _bool(obj, key):
-    v = obj.get(key, False)
-    if not isinstance(v, bool):
-        raise InvalidRequest(f"{key} must be true or false, got {v!r}")
-    return v
-
-
-def _int_list(obj, key):
-    v = obj.get(key) or []
-    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-        raise InvalidRequest(f"{key} must be a list of integers")
-    return list(v)
+        if job.request.adapter is not None and engine.ensure_adapter(job.request.adapter) is None:
+            return False
+        job.seq = engine.add(job.request)
+    except REQUEST_ERRORS as e:
+        job.error = str(e)
+        if on_finish:
+            on_finish(job)
+        return True
+    job.processor = OutputProcessor(engine.tokenizer, job.request)
+    running[job.seq.seq_id] = job
+    return True
 
 
 def run_batch(engine: Engine, objs: list, progress: bool = True) -> list[dict]:
     """Runs every request to completion; returns one result per input, in input order."""
-    lines: list[_Line] = []
+    results: list[dict | None] = [None] * len(objs)
+    jobs, ids = [], {}
     for number, obj in enumerate(objs):
-        line = _Line(obj.get("id", number) if isinstance(obj, dict) else number)
+        line_id = obj.get("id", number) if isinstance(obj, dict) else number
         try:
-            line.seq = engine.add(parse_request(engine, obj, number))
-        except REQUEST_ERRORS as e:
-            line.error = str(e)
-        lines.append(line)
-    total = sum(1 for ln in lines if ln.seq)
-    with tqdm(total=total, unit="req", file=sys.stderr, disable=not progress, desc="lorafleet run") as bar:
-        while engine.has_work():
-            done = sum(1 for out in engine.step() if out.finished)
-            bar.update(done)
-    return [_result(engine, ln) for ln in lines]
+            if isinstance(obj, InvalidRequest):
+                raise obj
+            job = Job(engine.parse(fields_from_json(obj, str(number))))
+        except InvalidRequest as e:
+            results[number] = {"id": line_id, "error": str(e)}
+            continue
+        ids[id(job)] = (number, line_id)
+        jobs.append(job)
+    with tqdm(total=len(jobs), unit="req", file=sys.stderr, disable=not progress, desc="lorafleet run") as bar:
+        def finished(job: Job) -> None:
+            number, line_id = ids[id(job)]
+            results[number] = _result(engine, job, line_id)
+            bar.update(1)
+
+        drive(engine, jobs, on_finish=finished)
+    return results
 
 
-def _result(engine: Engine, line: _Line) -> dict:
-    if line.error is not None:
-        return {"id": line.id, "error": line.error}
-    seq = line.seq
-    result = {"id": line.id, "token_ids": seq.output_ids}
+def _result(engine: Engine, job: Job, line_id) -> dict:
+    if job.error is not None:
+        return {"id": line_id, "error": job.error}
+    seq = job.seq
+    result = {"id": line_id, "token_ids": seq.output_ids}
     if engine.tokenizer is not None:
-        result["text"] = engine.tokenizer.decode(seq.output_ids)
-    result["finish_reason"] = seq.finish_reason
+        result["text"] = job.text
+    result["finish_reason"] = job.finish_reason
     result["usage"] = {"prompt_tokens": len(seq.request.prompt_ids), "completion_tokens": len(seq.output_ids)}
     return result
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import islice
 
 from ..worker.step import SeqWork, Step
 from .pages import PagePlan
@@ -65,7 +64,7 @@ class Scheduler:
                 f"exceeds the model's context of {self.cfg.max_model_len} tokens")
         adapter_need = self.adapter_pages.get(request.adapter, 0) if request.adapter else 0
         plan = self.plan
-        if need + adapter_need > plan.num_pages or need > plan.kv_capacity or adapter_need > (plan.adapter_capacity or plan.num_pages):
+        if need + adapter_need > plan.num_pages or need > plan.kv_capacity or adapter_need > plan.adapter_capacity:
             raise RequestTooLarge(
                 f"the request needs {need} KV pages + {adapter_need} adapter pages, the pool has only "
                 f"{plan.num_pages}; lower max_new_tokens or raise --pool-bytes")
@@ -124,18 +123,7 @@ class Scheduler:
         # finished before or preempted during this schedule: the worker forgets them before running
         step.finished, step.evicted_adapters = self._finished_ids, self._evicted
         self._finished_ids, self._evicted = [], []
-        step.prefetch_adapters = self._next_adapters()
         return step
-
-    def _next_adapters(self) -> list[str]:
-        """Adapters the next admissions will load: those of the first max_num_seqs waiting
-        sequences that are not in the pool, in queue order."""
-        names: dict[str, None] = {}
-        for seq in islice(self.waiting, self.cfg.max_num_seqs):
-            a = seq.adapter
-            if a is not None and a in self.adapter_pages and not self.plan.is_resident(a):
-                names[a] = None
-        return list(names)
 
     def _page_for_decode(self, seq: Sequence) -> int | None:
         while True:
@@ -143,7 +131,7 @@ class Scheduler:
             if pages is not None:
                 seq.computed = seq.total_len
                 return pages[0]
-            if self.plan.unified and self._evict_adapter():
+            if self.plan.eviction_helps(1, 0) and self._evict_adapter():
                 continue
             victim = self.running[-1]  # the newest running sequence gives its pages back
             self._preempt(victim)

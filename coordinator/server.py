@@ -1,4 +1,9 @@
-"""The gRPC coordinator: the public LoraFleet service over one or more replicas."""
+"""The gRPC front end: the public LoraFleet service over one or more replica cores.
+
+It parses requests with the one request model, routes them from the replicas' snapshots,
+sends messages to the chosen replica and streams what the one output processor makes of
+its tokens. It never touches a replica's scheduler, page plan or adapter table.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -13,27 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..v1 import lorafleet_pb2 as pb
-from ..v1 import lorafleet_pb2_grpc as pb_grpc
-from ..worker.adapters import AdapterError
-from ..worker.step import SamplingParams
-from .adapters import AdapterNotFound, AdapterPathDenied, AdapterRegistry, disk_adapter_summary
+from .adapters import DiskCatalog
 from .config import EngineConfig
-from .engine import Engine, InvalidRequest
-from .engine_loop import EngineLoop
+from .engine import Engine
+from .messages import Code, ReplicaSnapshot
 from .metrics import Metrics, adapter_label
+from .output import OutputProcessor
+from .replica import Replica, ReplicaHandle, RequestFailed
+from .request import InvalidRequest, RequestParser, check_adapter_name, fields_from_proto
 from .router import Router
-from .scheduler import Output, RequestTooLarge
-from .sequence import Request
-from .tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["LoraFleet"].full_name
-DEFAULT_MAX_NEW_TOKENS = 16
-MAX_STOP_STRINGS = 16
 
 
 @dataclass(frozen=True)
@@ -67,163 +68,126 @@ class ServerConfig:
         return token
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What GetServerInfo tells, fixed when the replicas are built."""
+
+    vocab_size: int
+    max_model_len: int
+    pool_pages: int
+
+
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code, self.message = code, message
 
 
-REQUEST_STATUS = (
-    (AdapterPathDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
-    (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (RequestTooLarge, grpc.StatusCode.INVALID_ARGUMENT),
-)
+def _status(code: Code) -> grpc.StatusCode:
+    return grpc.StatusCode[code.name]
 
 
-def _status_of(error: Exception) -> _Abort:
-    for kind, code in REQUEST_STATUS:
-        if isinstance(error, kind):
-            return _Abort(code, str(error))
-    return _Abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+@dataclass(frozen=True)
+class _Undecodable:
+    error: str
 
 
-class LoraFleetService(pb_grpc.LoraFleetServicer):
-    def __init__(self, cfg: ServerConfig, loops: list[EngineLoop], tokenizer: Tokenizer | None, metrics: Metrics):
-        self.cfg, self.loops, self.tokenizer, self.metrics = cfg, loops, tokenizer, metrics
-        self.router = Router(loops, cfg.engine.max_num_seqs)
-        self.roots = AdapterRegistry(cfg.engine.adapters_dir)  # path rules only
-        self.catalog: dict[str, Path] = {}  # adapters loaded by LoadAdapter, with their folders
-        self.unloading: set[str] = set()
+def _lenient(message_type):
+    """A deserializer that hands a request it cannot decode to the handler, which refuses it."""
+    def decode(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, ValueError) as e:
+            return _Undecodable(f"the request is not a valid {message_type.DESCRIPTOR.full_name}: {e}")
+    return decode
+
+
+class LoraFleetService:
+    def __init__(self, cfg: ServerConfig, replicas: list[ReplicaHandle], parser: RequestParser, facts: ModelFacts,
+                 metrics: Metrics):
+        self.cfg, self.replicas, self.parser, self.facts, self.metrics = cfg, replicas, parser, facts, metrics
+        self.tokenizer = parser.tokenizer
+        self.router = Router(replicas, cfg.engine.max_num_seqs)
+        self.catalog = DiskCatalog(Path(cfg.engine.adapters_dir).resolve() if cfg.engine.adapters_dir else None)
         self.admin_token = cfg.admin_token()
-        self.engine0 = loops[0].engine
         self.draining = False
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        methods = pb.DESCRIPTOR.services_by_name["LoraFleet"].methods_by_name
+        rpc = {
+            "Generate": grpc.unary_stream_rpc_method_handler, "LoadAdapter": grpc.unary_unary_rpc_method_handler,
+            "UnloadAdapter": grpc.unary_unary_rpc_method_handler, "ListAdapters": grpc.unary_unary_rpc_method_handler,
+            "GetServerInfo": grpc.unary_unary_rpc_method_handler,
+        }
+        handlers = {}
+        for name, make in rpc.items():
+            m = methods[name]
+            request_type = getattr(pb, m.input_type.name)
+            handlers[name] = make(getattr(self, name), request_deserializer=_lenient(request_type),
+                                  response_serializer=lambda msg: msg.SerializeToString())
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    def snapshots(self) -> list[ReplicaSnapshot]:
+        return [r.snapshot for r in self.replicas]
 
     # ------------------------------------------------------------- Generate
 
-    async def Generate(self, request: pb.GenerateRequest, context):
+    async def Generate(self, request, context):
         started = time.monotonic()
-        request_id = request.request_id or uuid.uuid4().hex
-        adapter = request.adapter_id or None
+        adapter, status, first_token, sent = None, "cancelled", None, 0
+        stream = None
         try:
-            req, stops = self._parse(request, request_id)
-            loop = self.router.pick(adapter)
-            seq, outputs = await self._submit(loop, req)
-        except _Abort as a:
-            known = adapter is None or any(lp.engine.registry.known(adapter) for lp in self.loops)
-            self.metrics.requests.labels(adapter_label(adapter) if known else "__unknown__", a.code.name.lower()).inc()
-            await context.abort(a.code, a.message)
-            return
-        status, first_token = "cancelled", None
-        try:
-            async for message, finished in self._stream(req, stops, seq, outputs, loop):
-                if first_token is None and message.token_ids:
+            if isinstance(request, _Undecodable):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+            adapter = request.adapter_id or None
+            req = self._parse(request)
+            replica = self._route(req.adapter)
+            stream = replica.submit(req)
+            processor = OutputProcessor(self.tokenizer, req)
+            while not processor.finished:
+                batch = await stream.next_batch()
+                tokens = [t for m in batch for t in m.token_ids]
+                chunk = processor.push(tokens, batch[-1].finish_reason)
+                if processor.stopped_by_string:
+                    stream.close("stop")
+                if first_token is None and tokens:
                     first_token = time.monotonic()
+                sent = chunk.completion_tokens or processor.sent_tokens
+                message = pb.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text, request_id=req.request_id)
+                if chunk.finish_reason is not None:
+                    message.finish_reason = chunk.finish_reason
+                    message.usage.prompt_tokens, message.usage.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                    status = "ok"
                 yield message
-                if finished:
-                    status = "ok" if message.finish_reason != "error" else "error"
-                    break
+        except _Abort as a:
+            status = a.code.name.lower()
+            await context.abort(a.code, a.message)
+        except RequestFailed as f:
+            status = f.code.value
+            await context.abort(_status(f.code), f.message)
         finally:
-            loop.forget(seq.seq_id)
-            if status == "cancelled":  # the client went away or its deadline passed
-                loop.call(lambda e: e.abort(seq))
-            self.metrics.observe_finished(adapter, status, started, first_token, time.monotonic(), len(seq.output_ids))
+            if stream is not None:
+                stream.close()  # the client went away or its deadline passed: free its pages now
+            known = adapter is None or any(adapter in s.adapters for s in self.snapshots())
+            self.metrics.observe_finished(adapter if known else "__unknown__", status, started, first_token,
+                                          time.monotonic(), sent)
 
-    def _parse(self, r: pb.GenerateRequest, request_id: str) -> tuple[Request, list[str]]:
+    def _parse(self, r: pb.GenerateRequest):
         if self.draining:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        given = [f for f, present in (("prompt", bool(r.prompt)), ("prompt_token_ids", len(r.prompt_token_ids) > 0),
-                                      ("messages", len(r.messages) > 0)) if present]
-        if len(given) != 1:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         "give exactly one of prompt, prompt_token_ids or messages" + (f" (got {', '.join(given)})" if given else " (the prompt is empty)"))
-        if given[0] != "prompt_token_ids" and self.tokenizer is None:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{given[0]} needs a tokenizer.json in the model folder; send prompt_token_ids")
-        if given[0] == "prompt":
-            prompt_ids = self.tokenizer.encode(r.prompt)
-        elif given[0] == "messages":
-            try:
-                prompt_ids = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in r.messages])
-            except ValueError as e:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"messages: {e}") from e
-        else:
-            prompt_ids = list(r.prompt_token_ids)
-        if len(r.stop) > MAX_STOP_STRINGS or any(not s or len(s) > 256 for s in r.stop):
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"stop: at most {MAX_STOP_STRINGS} non-empty strings of up to 256 characters")
-        if r.stop and self.tokenizer is None:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "stop strings need a tokenizer; use stop_token_ids")
-        if r.adapter_id and r.adapter_id in self.unloading:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, f"adapter {r.adapter_id!r} is being unloaded")
-        waiting = sum(len(loop.engine.scheduler.waiting) for loop in self.loops)
-        if waiting >= self.cfg.engine.max_queue:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({waiting} requests waiting); retry later")
-        return Request(
-            request_id=request_id, prompt_ids=prompt_ids,
-            max_new_tokens=r.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, adapter=r.adapter_id or None,
-            sampling=SamplingParams(
-                temperature=r.temperature, top_p=r.top_p if r.HasField("top_p") else 1.0, top_k=r.top_k,
-                seed=r.seed if r.HasField("seed") else None),
-            stop_token_ids=tuple(r.stop_token_ids), ignore_eos=r.ignore_eos,
-        ), list(r.stop)
-
-    async def _submit(self, loop: EngineLoop, req: Request):
-        outputs: asyncio.Queue[Output] = asyncio.Queue()
-        path = self.catalog.get(req.adapter) if req.adapter else None
-
-        def add(engine: Engine):
-            if req.adapter is not None:  # registered above; again only if it was unloaded meanwhile
-                engine.ensure_adapter(req.adapter, str(path) if path else None)
-            seq = engine.add(req)
-            loop.listen(seq.seq_id, outputs.put_nowait)
-            return seq
-
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
         try:
-            if req.adapter is not None:  # read off the engine thread: running requests keep streaming
-                await loop.ensure_adapter(req.adapter, str(path) if path else None)
-            seq = await loop.call(add)
-        except Exception as e:  # noqa: BLE001 - every failure becomes a status with its message
-            raise _status_of(e) from e
-        return seq, outputs
+            return self.parser.parse(fields_from_proto(r, r.request_id or uuid.uuid4().hex))
+        except InvalidRequest as e:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
 
-    async def _stream(self, req: Request, stops: list[str], seq, outputs: asyncio.Queue, loop: EngineLoop):
-        """Yields (GenerateResponse, finished); holds back text that could start a stop string."""
-        decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer else None
-        hold = max((len(s) for s in stops), default=1) - 1
-        pending_text, sent_tokens = "", 0
-        while True:
-            batch = [await outputs.get()]
-            while not outputs.empty():
-                batch.append(outputs.get_nowait())
-            finished = batch[-1].finished
-            if finished and batch[-1].token < 0:
-                yield pb.GenerateResponse(finish_reason="error", request_id=req.request_id), True
-                return
-            tokens = [o.token for o in batch]
-            sent_tokens += len(tokens)
-            if decoder is not None:
-                pending_text += decoder.push(tokens)
-                if finished:
-                    pending_text += decoder.flush()
-            reason = seq.finish_reason if finished else None
-            cut = _find_stop(pending_text, stops)
-            if cut is not None:
-                pending_text, reason, finished = pending_text[:cut], "stop", True
-                if seq.finish_reason is None:
-                    loop.call(lambda e: e.abort(seq, reason="stop"))
-            if finished:
-                text, pending_text = pending_text, ""
-            else:
-                keep = min(hold, len(pending_text))
-                text, pending_text = pending_text[:len(pending_text) - keep], pending_text[len(pending_text) - keep:]
-            message = pb.GenerateResponse(token_ids=tokens, text=text, request_id=req.request_id)
-            if finished:
-                message.finish_reason = reason or "stop"
-                message.usage.prompt_tokens = len(req.prompt_ids)
-                message.usage.completion_tokens = sent_tokens
-            yield message, finished
-            if finished:
-                return
+    def _route(self, adapter: str | None) -> ReplicaHandle:
+        replica = self.router.pick(adapter)
+        if replica is None:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "no replica is serving; the request may be retried")
+        queued = sum(r.in_flight for r in self.replicas) - sum(s.running for s in self.snapshots())
+        if queued >= self.cfg.engine.max_queue:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({queued} requests waiting); retry later")
+        return replica
 
     # ------------------------------------------------------------- adapters
 
@@ -238,92 +202,74 @@ class LoraFleetService(pb_grpc.LoraFleetServicer):
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED,
                          "admin calls are accepted from loopback only unless the server has --admin-token-file")
 
-    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context):
+    async def _admin(self, request, context, call):
         try:
+            if isinstance(request, _Undecodable):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
             self._authorize(context)
-            name = request.name
-            folder = self.roots.resolve(name, request.path or None)
-            if name in self.unloading:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"adapter {name!r} is being unloaded; load it again when that finishes")
-            known = self.catalog.get(name) or next((lp.engine.registry.entries[name].path for lp in self.loops if lp.engine.registry.known(name)), None)
-            if known is not None and known != folder:
-                raise _Abort(grpc.StatusCode.ALREADY_EXISTS, f"adapter {name!r} is already loaded from {known}; unload it first")
-            await asyncio.gather(*(loop.ensure_adapter(name, str(folder)) for loop in self.loops))
-            self.catalog[name] = folder
-            return pb.LoadAdapterResponse(adapter=self._adapter_info(name))
+            try:
+                check_adapter_name(request.name)
+            except InvalidRequest as e:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+            replicas = self.router.healthy()
+            if not replicas:
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, "no replica is serving; retry later")
+            return await call(request, replicas)
         except _Abort as a:
             await context.abort(a.code, a.message)
-        except Exception as e:  # noqa: BLE001
-            a = _status_of(e)
-            await context.abort(a.code, a.message)
+        except RequestFailed as f:
+            await context.abort(_status(f.code), f.message)
 
-    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context):
-        name = request.name
-        try:
-            self._authorize(context)
-            if name not in self.catalog and not any(lp.engine.registry.known(name) for lp in self.loops):
-                raise _Abort(grpc.StatusCode.NOT_FOUND, f"adapter {name!r} is not loaded")
-            if name in self.unloading:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"adapter {name!r} is already being unloaded")
-        except _Abort as a:
-            await context.abort(a.code, a.message)
-            return
-        self.unloading.add(name)
-        try:
-            drained = sum(lp.engine.adapter_users(name) for lp in self.loops)
-            deadline = time.monotonic() + self.cfg.unload_timeout
-            while any(lp.engine.adapter_users(name) for lp in self.loops):
-                if time.monotonic() > deadline:
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"requests with {name!r} did not finish within {self.cfg.unload_timeout:.0f}s")
-                    return
-                await asyncio.sleep(0.02)
-            for loop in self.loops:
-                await loop.call(lambda e: e.unload_adapter(name) if e.registry.known(name) else None)
-            self.catalog.pop(name, None)
-            return pb.UnloadAdapterResponse(requests_drained=drained)
-        finally:
-            self.unloading.discard(name)
+    async def LoadAdapter(self, request, context):
+        async def load(r, replicas):
+            await asyncio.gather(*(h.load_adapter(r.name, r.path or None) for h in replicas))
+            return pb.LoadAdapterResponse(adapter=self._adapter_info(r.name, self.snapshots()))
+        return await self._admin(request, context, load)
+
+    async def UnloadAdapter(self, request, context):
+        async def unload(r, replicas):
+            results = await asyncio.gather(*(h.unload_adapter(r.name, self.cfg.unload_timeout) for h in replicas),
+                                           return_exceptions=True)
+            failures = [e for e in results if isinstance(e, BaseException)]
+            real = [e for e in failures if not (isinstance(e, RequestFailed) and e.code == Code.NOT_FOUND)]
+            if real:
+                raise real[0]
+            if len(failures) == len(results):
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"adapter {r.name!r} is not loaded")
+            return pb.UnloadAdapterResponse(requests_drained=sum(n for n in results if isinstance(n, int)))
+        return await self._admin(request, context, unload)
 
     async def ListAdapters(self, request, context):
-        names = set(self.catalog)
-        for loop in self.loops:
-            names |= set(loop.engine.registry.entries)
-        cached = set()
-        for loop in self.loops:
-            cached |= set(await loop.call(lambda e: e.host_cached_adapters()))
-        infos = [self._adapter_info(n, cached) for n in sorted(names)]
-        if self.roots.root is not None:
-            for summary in disk_adapter_summary(self.roots.root, exclude=names):
-                infos.append(pb.AdapterInfo(name=summary["name"], rank=summary["rank"], targets=summary["targets"], residence="disk"))
+        snapshots = self.snapshots()
+        names = set().union(*(s.adapters for s in snapshots))
+        infos = [self._adapter_info(n, snapshots) for n in sorted(names)]
+        for item in self.catalog.items():
+            if item["name"] not in names:
+                infos.append(pb.AdapterInfo(name=item["name"], rank=item["rank"], targets=item["targets"],
+                                            residence="refused" if item["error"] else "disk", error=item["error"] or ""))
         return pb.ListAdaptersResponse(adapters=infos)
 
-    def _adapter_info(self, name: str, host_cached: set[str] | None = None) -> pb.AdapterInfo:
-        entries = [lp.engine.registry.entries[name] for lp in self.loops if lp.engine.registry.known(name)]
-        replicas = [lp.index for lp in self.loops if lp.engine.scheduler.plan.is_resident(name)]
-        if replicas:
-            residence = "device_pool"
-        elif entries and (host_cached is None or name in host_cached):
-            residence = "host_cache"
-        else:
-            residence = "disk"
-        e = entries[0] if entries else None
+    @staticmethod
+    def _adapter_info(name: str, snapshots: list[ReplicaSnapshot]) -> pb.AdapterInfo:
+        views = [(s.index, s.adapters[name]) for s in snapshots if name in s.adapters]
+        states = {v.state for _, v in views}
+        residence = next((label for state, label in (("resident", "device_pool"), ("host_ready", "host_cache"),
+                                                     ("reading", "reading"), ("unloading", "unloading"),
+                                                     ("failed", "failed")) if state in states), "disk")
+        known = next((v for _, v in views if v.rank), views[0][1] if views else None)
         return pb.AdapterInfo(
-            name=name, rank=e.rank if e else 0, targets=list(e.targets) if e else [], residence=residence,
-            requests=sum(x.requests for x in entries), pool_pages=e.num_pages if e else 0, replicas=replicas)
+            name=name, rank=known.rank if known else 0, targets=list(known.targets) if known else [], residence=residence,
+            requests=sum(v.requests for _, v in views), pool_pages=known.num_pages if known else 0,
+            replicas=[i for i, v in views if v.state == "resident"],
+            error=next((v.reason for _, v in views if v.reason), ""))
 
     async def GetServerInfo(self, request, context):
-        e = self.engine0
+        e = self.cfg.engine
         return pb.ServerInfo(
-            model=str(Path(self.cfg.engine.model_dir).name), dtype=self.cfg.engine.dtype, tp=self.cfg.engine.tp,
-            replicas=len(self.loops), max_lora_rank=self.cfg.engine.max_lora_rank,
-            max_model_len=e.scheduler.cfg.max_model_len, max_num_seqs=self.cfg.engine.max_num_seqs,
-            max_batched_tokens=self.cfg.engine.max_batched_tokens, pool_pages=e.scheduler.plan.num_pages,
-            vocab_size=e.model.vocab_size, version=_version())
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(cuts) if cuts else None
+            model=str(Path(e.model_dir).name), dtype=e.dtype, tp=e.tp, replicas=len(self.replicas),
+            max_lora_rank=e.max_lora_rank, max_model_len=self.facts.max_model_len, max_num_seqs=e.max_num_seqs,
+            max_batched_tokens=e.max_batched_tokens, pool_pages=self.facts.pool_pages,
+            vocab_size=self.facts.vocab_size, version=_version())
 
 
 def _version() -> str:
@@ -333,45 +279,62 @@ def _version() -> str:
 
 
 class LoraFleetServer:
-    """Builds the replicas, serves gRPC (with health and reflection) and metrics, shuts down gracefully."""
+    """Binds its ports, builds the replicas, serves gRPC (with health and reflection) and metrics,
+    runs its background tasks under supervision, shuts down gracefully."""
 
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
-        self.loops: list[EngineLoop] = []
+        self.replicas: list[Replica] = []
+        self.handles: list[ReplicaHandle] = []
         self.engines: list[Engine] = []
         self.server: grpc.aio.Server | None = None
         self.metrics = Metrics()
         self.port = self.metrics_port = None
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self.health = health.aio.HealthServicer()
+        self._on_disk = 0  # valid adapter folders that no replica holds
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self._build_engines)
-        self.loops = [EngineLoop(i, e, loop) for i, e in enumerate(self.engines)]
-        for engine_loop in self.loops:
-            engine_loop.start()
-        tokenizer = self.engines[0].tokenizer
-        self.service = LoraFleetService(self.cfg, self.loops, tokenizer, self.metrics)
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_LoraFleetServicer_to_server(self.service, self.server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        address = f"{self.cfg.host}:{self.cfg.port}"
-        if self.cfg.tls_cert:
-            creds = grpc.ssl_server_credentials([(Path(self.cfg.tls_key).read_bytes(), Path(self.cfg.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if not self.port:
-            raise OSError(f"cannot listen on {address}")
-        await self.server.start()
-        for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.port = self._bind()
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.host, self.cfg.metrics_port)
-        self._tasks.append(asyncio.create_task(self._watch()))
+        try:
+            await asyncio.to_thread(self._build_engines)
+        except BaseException:
+            self.metrics.close()
+            raise
+        loop = asyncio.get_running_loop()
+        engine0 = self.engines[0]
+        facts = ModelFacts(engine0.model.vocab_size, engine0.scheduler.cfg.max_model_len, engine0.scheduler.plan.num_pages)
+        self.replicas = [Replica(i, e) for i, e in enumerate(self.engines)]
+        self.handles = [ReplicaHandle(r, loop) for r in self.replicas]
+        for replica in self.replicas:
+            replica.start()
+        self.service = LoraFleetService(self.cfg, self.handles, engine0.parser, facts, self.metrics)
+        self.server.add_generic_rpc_handlers((self.service.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        await self.server.start()
+        await self._set_health(True)
+        for name, body in (("gauges", self._gauges), ("health", self._watch_health), ("adapter folder", self._watch_folder)):
+            self._tasks.append(asyncio.create_task(self._supervise(name, body, 0.5)))
+
+    def _bind(self) -> int:
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        try:
+            if self.cfg.tls_cert:
+                creds = grpc.ssl_server_credentials([(Path(self.cfg.tls_key).read_bytes(), Path(self.cfg.tls_cert).read_bytes())])
+                port = self.server.add_secure_port(address, creds)
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise OSError(f"cannot listen on {address}: the port is in use or the address is not this machine's; "
+                          "choose another with --port (0 picks a free one)")
+        return port
 
     def _build_engines(self) -> None:
         from ..worker.executor import RayWorkerGroup
@@ -387,23 +350,41 @@ class LoraFleetServer:
             self._shutdown_engines()
             raise
 
-    async def _watch(self) -> None:
-        """Keeps the gauges fresh and notices a dead engine."""
+    # ------------------------------------------------------------- background tasks
+
+    async def _supervise(self, name: str, body, interval: float) -> None:
+        """Runs body() every interval until stop; an exception in one round is logged, the next round runs."""
         while not self._stopped.is_set():
-            for lp in self.loops:
-                plan = lp.engine.scheduler.plan
-                self.metrics.observe_replica(lp.index, len(lp.engine.scheduler.waiting), len(lp.engine.scheduler.running),
-                                             plan.kv_pages, plan.adapter_pages, plan.free_pages)
-                if lp.error is not None:
-                    await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-            pooled = set().union(*(set(lp.engine.scheduler.plan.adapters) for lp in self.loops))
-            registered = set().union(*(set(lp.engine.registry.entries) for lp in self.loops))
-            on_disk = len(disk_adapter_summary(self.service.roots.root, registered)) if self.service.roots.root else 0
-            self.metrics.observe_tiers(len(pooled), len(registered - pooled), on_disk)
             try:
-                await asyncio.wait_for(self._stopped.wait(), timeout=0.5)
+                await body()
+            except Exception:
+                log.exception("background task %r failed; it runs again in %.1fs", name, interval)
+            try:
+                await asyncio.wait_for(self._stopped.wait(), timeout=interval)
             except asyncio.TimeoutError:
                 pass
+
+    async def _gauges(self) -> None:
+        snapshots = self.service.snapshots()
+        for s in snapshots:
+            self.metrics.observe_replica(s.index, s.waiting + s.parked, s.running, s.kv_pages, s.adapter_pages, s.free_pages)
+        states = [v.state for s in snapshots for v in s.adapters.values()]
+        self.metrics.observe_tiers(states.count("resident"), states.count("host_ready"), self._on_disk)
+
+    async def _watch_folder(self) -> None:
+        items = await asyncio.to_thread(self.service.catalog.items)
+        held = set().union(*(s.adapters for s in self.service.snapshots()))
+        self._on_disk = sum(1 for item in items if item["name"] not in held and not item["error"])
+
+    async def _watch_health(self) -> None:
+        await self._set_health(not self.service.draining and any(s.healthy for s in self.service.snapshots()))
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    # ------------------------------------------------------------- lifecycle
 
     def ready_line(self) -> str:
         return json.dumps({"event": "ready", "host": self.cfg.host, "port": self.port, "metrics_port": self.metrics_port,
@@ -413,14 +394,15 @@ class LoraFleetServer:
         """Stops accepting, lets in-flight requests finish within the grace period, then stops the workers."""
         if self.server is None:
             return
-        self.service.draining = True
+        if hasattr(self, "service"):
+            self.service.draining = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.cfg.shutdown_grace)
         self._stopped.set()
         for task in self._tasks:
             await task
-        for lp in self.loops:
-            lp.stop()
+        for replica in self.replicas:
+            replica.stop()
         await asyncio.to_thread(self._shutdown_engines)
         self.metrics.close()
         self.server = None

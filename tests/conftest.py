@@ -13,9 +13,10 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 # `import peers` from any test file, whatever pytest's import mode.
-_TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in sys.path:
-    sys.path.insert(0, _TESTS_DIR)
+# `import bench.ablations`: the benchmarks' variants, which tests hold to the same outputs.
+for _dir in (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)):
+    if _dir not in sys.path:
+        sys.path.insert(0, _dir)
 
 import pytest  # noqa: E402
 

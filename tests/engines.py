@@ -5,16 +5,27 @@ import asyncio
 import threading
 from pathlib import Path
 
-import lorafleet.worker.worker as worker_module
+import lorafleet.worker.adapter_store as store_module
 from lorafleet.coordinator.config import EngineConfig
 from lorafleet.coordinator.engine import Engine
+from lorafleet.coordinator.pages import PagePlan
 from lorafleet.coordinator.sequence import Request
 
 
-def make_engine(model_dir, adapters_root=None, **kw) -> Engine:
+def make_engine(model_dir, adapters_root=None, page_plan=PagePlan, executor=None, **kw) -> Engine:
     kw.setdefault("pool_bytes", 16 * 2**20)
     kw.setdefault("dtype", "float32")  # the exact dtype: tests compare tokens with PEFT's (the default is "auto")
-    return Engine(EngineConfig(str(model_dir), str(adapters_root) if adapters_root else None, **kw))
+    return Engine(EngineConfig(str(model_dir), str(adapters_root) if adapters_root else None, **kw), executor, page_plan)
+
+
+def add(engine: Engine, request: Request):
+    """Queues a request after reading its adapter on this thread, as `lorafleet run` does; steps
+    the engine while host memory must free up for the read."""
+    for _ in range(100_000):
+        if request.adapter is None or engine.ensure_adapter(request.adapter) is not None:
+            return engine.add(request)
+        engine.step()
+    raise AssertionError(f"adapter {request.adapter} never fit in host memory")
 
 
 def generate(engine: Engine, requests: list[tuple], join_at: list[int] | None = None, max_steps: int = 10_000) -> list[list[int]]:
@@ -28,7 +39,7 @@ def generate(engine: Engine, requests: list[tuple], join_at: list[int] | None = 
     for step in range(max_steps):
         for i, (adapter, prompt, n) in enumerate(requests):
             if join_at[i] == step:
-                seqs[i] = engine.add(Request(str(i), list(prompt), n, adapter, ignore_eos=True))
+                seqs[i] = add(engine, Request(str(i), list(prompt), n, adapter, ignore_eos=True))
         if step > max(join_at) and not engine.has_work():
             break
         engine.step()
@@ -52,7 +63,7 @@ class AdapterReads:
         self.held: dict[str, threading.Event] = {}
         self.entered: dict[str, threading.Event] = {}
         self.wait = wait
-        real = worker_module.read_adapter
+        real = store_module.read_adapter
 
         def read(name, *args, **kw):
             self.calls.append((name, threading.current_thread().name))
@@ -61,7 +72,7 @@ class AdapterReads:
                 assert self.held[name].wait(self.wait), f"read of {name} held for too long"
             return real(name, *args, **kw)
 
-        monkeypatch.setattr(worker_module, "read_adapter", read)
+        monkeypatch.setattr(store_module, "read_adapter", read)
 
     def hold(self, name: str) -> None:
         self.held[name], self.entered[name] = threading.Event(), threading.Event()

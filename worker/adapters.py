@@ -71,7 +71,7 @@ class LoraWeights:
 def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -> LoraWeights:
     """Reads and checks a PEFT folder. Raises AdapterError; never unpickles anything."""
     path = Path(path)
-    config = _read_config(name, path)
+    config = read_config(name, path)
     tensors, spans = _read_tensors(name, path)
     pairs = _pair_tensors(name, tensors, cfg)
     # one pass over all the weights; only if it fails is each pair checked, to name the one at fault
@@ -81,7 +81,11 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
     weights = {}
     for (layer, target), (a, b) in sorted(pairs.items()):
         r = _check_pair(name, layer, target, a, b, cfg, max_rank, check_finite=not finite)
-        scale = _scale(config, f"model.layers.{layer}.{_MODULE[target]}.{target}", r)
+        module = f"model.layers.{layer}.{_MODULE[target]}.{target}"
+        declared = _pattern_value(config.get("rank_pattern"), module, config.get("r"))
+        if declared is not None and r != declared:  # PEFT builds r-sized layers and refuses the file
+            raise AdapterError(name, f"adapter_config.json says r={declared:g} for {target} but its tensors in layer {layer} have rank {r}")
+        scale = _scale(config, module, r)
         if target in scales and scales[target] != scale:
             raise AdapterError(name, f"{target} has different scales in different layers; per-layer rank_pattern/alpha_pattern is not supported")
         scales[target] = scale
@@ -96,7 +100,11 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
     return LoraWeights(name, ranks, scales, weights)
 
 
-def _read_config(name: str, path: Path) -> dict:
+def read_config(name: str, path: Path) -> dict:
+    """The folder's adapter_config.json, checked against what lorafleet serves. Raises AdapterError.
+
+    The one check of a config: reading an adapter and listing a folder both use it.
+    """
     if not path.is_dir():
         raise AdapterError(name, f"{path} is not a folder")
     cfg_path = path / "adapter_config.json"
@@ -124,8 +132,14 @@ def _read_config(name: str, path: Path) -> dict:
     if config.get("fan_in_fan_out"):
         raise AdapterError(name, "fan_in_fan_out=true is not supported for Llama-family models")
     for key in ("lora_alpha", "r"):
-        if key in config and not isinstance(config[key], (int, float)):
+        if key in config and (isinstance(config[key], bool) or not isinstance(config[key], (int, float))):
             raise AdapterError(name, f"{key} must be a number, got {config[key]!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise AdapterError(name, f"{key} must be an object of module pattern -> number, got {config[key]!r}")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, (str, list)):
+        raise AdapterError(name, f"target_modules must be a list of module names, got {targets!r}")
     return config
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,9 +195,10 @@ class WorkerConfig:
     device: str = "cpu"
     pool_bytes: int | None = 512 * 2**20  # None: pool_fraction of free device memory (CUDA)
     pool_fraction: float = 0.9
-    host_cache_bytes: int = 2 * 2**30
     max_lora_rank: int = 256
-    fuse_lora_comm: bool = True  # False only to measure what fusing saves (bench/tp_comm.py)
+    # the row-parallel projections' output with its LoRA communication (worker/lora.py's
+    # row_parallel_output when None); bench/ablations.py injects the unfused one to measure it
+    row_output: Callable | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
@@ -206,8 +208,6 @@ class WorkerConfig:
             raise ValueError("pool_fraction must be in (0, 1]")
         if self.max_lora_rank < 1:
             raise ValueError("max_lora_rank must be at least 1")
-        if self.host_cache_bytes < 0:
-            raise ValueError("host_cache_bytes must be >= 0")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -30,17 +30,15 @@ class LocalExecutor:
         return [getattr(self.worker, method)(*args)]
 
     def shutdown(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
         self.worker = None
 
 
 class WorkerActor:
     """One rank: joins the torch.distributed group, then holds a Worker. Runs inside a Ray actor.
 
-    The actor runs two calls at once (max_concurrency=2): the engine thread's (execute and the
+    The actor runs two calls at once (max_concurrency=2): the replica thread's (execute and the
     other calls between steps, one at a time, the same order on every rank) and the adapter
-    loader's (register_adapter, which runs no collective), so reading an adapter overlaps steps.
+    loader's (read_adapter, which runs no collective), so reading an adapter overlaps steps.
     """
 
     def __init__(self, cfg: WorkerConfig, rank: int, size: int, threads: int):
@@ -82,8 +80,6 @@ class WorkerActor:
     def stop(self) -> None:
         import torch.distributed as dist
 
-        if self.worker is not None:
-            self.worker.close()
         self.worker = None
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -131,22 +131,17 @@ def add_column_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lora: 
     lora_expand(y, s, pool, lora, meta)
 
 
-def add_row_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch | None, group: str, comm: Comm,
-                 fuse: bool = True) -> torch.Tensor | None:
-    """LoRA deltas of a row-parallel projection; y (T, out) is this rank's partial sum of the base.
+def row_parallel_output(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch | None, group: str,
+                        comm: Comm) -> torch.Tensor:
+    """The full output of a row-parallel projection with its LoRA deltas; y (T, out) is this rank's
+    partial sum of the base.
 
-    fused: the deltas go into this rank's columns of y, and the base all-reduce carries them.
-    unfused (for comparison only): the deltas are all-gathered on their own; returns (T, out)
-    to add after the base all-reduce.
+    S-LoRA's fused communication: x_i A_i is all-reduced to (T, r), B_i's deltas go into this rank's
+    columns of y, and the base all-reduce then sums the base and gathers the deltas in one collective.
     """
-    if lora is None or group not in lora.groups:
-        return None
-    meta = lora.groups[group]
-    s = comm.all_reduce(lora_shrink(x, pool, lora, meta), kind="lora_all_reduce")
-    width = meta.out_dims[0]
-    if fuse:
+    if lora is not None and group in lora.groups:
+        meta = lora.groups[group]
+        s = comm.all_reduce(lora_shrink(x, pool, lora, meta), kind="lora_all_reduce")
+        width = meta.out_dims[0]
         lora_expand(y[:, comm.rank * width:(comm.rank + 1) * width], s, pool, lora, meta)
-        return None
-    mine = lora_expand(y.new_zeros(y.shape[0], width), s, pool, lora, meta)
-    return comm.all_gather_last(mine, kind="lora_output_all_gather")
-
+    return comm.all_reduce(y)

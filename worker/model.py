@@ -1,9 +1,9 @@
 """A Llama-family decoder in plain torch, reading the KV cache from the page pool.
 
 The math is the paper's: RMSNorm, rotary positions, grouped-query attention, a
-SwiGLU MLP. Tensor parallelism shows only as the visible `comm` calls after the
-row-parallel projections; LoRA only as the `lora.add_*` calls beside each fused
-projection. Weights are this rank's shards (Megatron split, see load_model).
+SwiGLU MLP. Tensor parallelism shows only as the visible `comm` calls and the
+row-parallel outputs (`row_output`: base all-reduce with the LoRA communication fused
+in); LoRA only as those and the `add_column_lora` calls beside each fused projection. Weights are this rank's shards (Megatron split, see load_model).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..kernels.lora import LoraBatch
 from .comm import Comm
 from .config import ModelConfig
 from .loader import Checkpoint, Shard
-from .lora import add_column_lora, add_row_lora
+from .lora import add_column_lora, row_parallel_output
 
 
 @dataclass
@@ -51,9 +51,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, index: int, shard: Shard, fuse_lora_comm: bool = True):
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, index: int, shard: Shard, row_output=row_parallel_output):
         p = f"model.layers.{index}."
-        self.fuse = fuse_lora_comm
+        self.row_output = row_output  # o and down: base all-reduce with the LoRA communication fused in
         h, n = cfg.hidden_size, shard.size
         self.num_heads, self.num_kv_heads = cfg.num_heads // n, cfg.num_kv_heads // n
         self.head_dim, self.eps = cfg.head_dim, cfg.rms_norm_eps
@@ -84,25 +84,20 @@ class DecoderLayer:
         write_kv(pool, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), batch.attention.slots)
         attn = paged_attention(q, pool, batch.attention, self.num_kv_heads).flatten(1)
         out = F.linear(attn, self.w_o)  # this rank's partial sum
-        late = add_row_lora(out, attn, pool, batch.lora, "o", comm, self.fuse)
-        out = comm.all_reduce(out)  # sums the base partials and (fused) carries the LoRA columns
-        return out if late is None else out + late
+        return self.row_output(out, attn, pool, batch.lora, "o", comm)
 
     def mlp(self, x, pool, batch: ForwardBatch, comm: Comm) -> torch.Tensor:
         gate_up = F.linear(x, self.w_gate_up)
         add_column_lora(gate_up, x, pool, batch.lora, "gate_up", comm)
         gate, up = gate_up.split([self.inter, self.inter], dim=-1)
         act = F.silu(gate) * up
-        out = F.linear(act, self.w_down)
-        late = add_row_lora(out, act, pool, batch.lora, "down", comm, self.fuse)
-        out = comm.all_reduce(out)
-        return out if late is None else out + late
+        return self.row_output(F.linear(act, self.w_down), act, pool, batch.lora, "down", comm)
 
 
 class LlamaModel:
     """The decoder stack with a vocabulary-parallel embedding and head."""
 
-    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, shard: Shard, comm: Comm, fuse_lora_comm: bool = True):
+    def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, shard: Shard, comm: Comm, row_output=row_parallel_output):
         self.cfg, self.shard, self.comm = cfg, shard, comm
         vocab_shape = (cfg.vocab_size, cfg.hidden_size)
         self.vocab_lo, self.vocab_hi = shard.bounds(cfg.vocab_size)
@@ -114,7 +109,7 @@ class LlamaModel:
         # every rank's head has the same number of rows, so the logits all-gather is even
         part = -(-cfg.vocab_size // shard.size)
         self.lm_head = torch.cat([head, head.new_zeros(part - head.shape[0], head.shape[1])]) if head.shape[0] < part else head
-        self.layers = [DecoderLayer(cfg, ckpt, i, shard, fuse_lora_comm) for i in range(cfg.num_layers)]
+        self.layers = [DecoderLayer(cfg, ckpt, i, shard, row_output) for i in range(cfg.num_layers)]
         self.norm = ckpt.get("model.norm.weight", (cfg.hidden_size,))
         self.inv_freq = cfg.rope.inv_freq(cfg.head_dim).to(ckpt.device)
         self.dtype = ckpt.dtype
@@ -146,9 +141,10 @@ class LlamaModel:
 
 
 def load_model(model_dir, cfg: ModelConfig, dtype: torch.dtype, device="cpu", shard: Shard = Shard(),
-               comm: Comm | None = None, fuse_lora_comm: bool = True) -> LlamaModel:
+               comm: Comm | None = None, row_output=None) -> LlamaModel:
+    """row_output: the row-parallel projections' communication (None: the fused one); bench/ injects others."""
     ckpt = Checkpoint(model_dir, dtype, device)
     try:
-        return LlamaModel(cfg, ckpt, shard, comm or Comm(), fuse_lora_comm)
+        return LlamaModel(cfg, ckpt, shard, comm or Comm(), row_output or row_parallel_output)
     finally:
         ckpt.close()

@@ -35,16 +35,52 @@ class SeqWork:
 @dataclass
 class Step:
     """seqs: every sequence that runs now; rank 0 returns one sampled token per entry, in order.
-    load_adapters: adapter name -> the pages to write it into before running.
-    evicted_adapters: adapters whose pages the scheduler has taken back.
+    load_adapters: adapter name -> the pages to write its host copy into before running.
+    evicted_adapters: adapters whose pages the scheduler has taken back (host copies stay).
+    dropped_adapters: adapters whose host copies the coordinator no longer needs.
     finished: sequences the worker can forget (their pages are free again).
-    prefetch_adapters: adapters of the next waiting requests, in queue order, that are not in
-        the pool: the worker starts reading those missing from its host cache in the background,
-        so that loading them later does not wait on the disk. A hint: nothing depends on it.
     """
 
     seqs: list[SeqWork] = field(default_factory=list)
     load_adapters: dict[str, list[int]] = field(default_factory=dict)
     evicted_adapters: list[str] = field(default_factory=list)
+    dropped_adapters: list[str] = field(default_factory=list)
     finished: list[int] = field(default_factory=list)
-    prefetch_adapters: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.seqs or self.load_adapters or self.evicted_adapters or self.dropped_adapters or self.finished)
+
+
+class StepError(RuntimeError):
+    """A Step that disagrees with the ones before it: a bug in the scheduler, never a user error."""
+
+
+@dataclass
+class PageTables:
+    """What a rank knows of its pool, built from Steps alone: each sequence's pages and sampling,
+    and each resident adapter's pages. Every rank applies the same Steps, so every rank agrees
+    with the scheduler; tests apply Steps to one of these to check exactly that."""
+
+    seq_pages: dict[int, list[int]] = field(default_factory=dict)
+    sampling: dict[int, SamplingParams] = field(default_factory=dict)
+    adapter_pages: dict[str, list[int]] = field(default_factory=dict)
+
+    def apply(self, step: Step) -> None:
+        for seq_id in step.finished:
+            self.seq_pages.pop(seq_id, None)
+            self.sampling.pop(seq_id, None)
+        for name in step.evicted_adapters:
+            self.adapter_pages.pop(name, None)
+        self.adapter_pages.update((name, list(pages)) for name, pages in step.load_adapters.items())
+        for w in step.seqs:
+            if len(w.new_pages) != len(w.token_ids):
+                raise StepError(f"sequence {w.seq_id}: {len(w.token_ids)} tokens but {len(w.new_pages)} new pages")
+            if w.start == 0:
+                self.seq_pages[w.seq_id] = []
+                self.sampling[w.seq_id] = w.sampling or SamplingParams()
+            pages = self.seq_pages.get(w.seq_id)
+            if pages is None or len(pages) != w.start:
+                raise StepError(f"sequence {w.seq_id} continues at {w.start} but {0 if pages is None else len(pages)} pages are known")
+            if w.adapter is not None and w.adapter not in self.adapter_pages:
+                raise StepError(f"sequence {w.seq_id} runs with adapter {w.adapter!r}, which is not in the pool")
+            pages += w.new_pages

@@ -5,7 +5,8 @@ import random
 
 import pytest
 import torch
-from engines import adapters_root, generate, make_engine
+from bench.ablations import SeparatePoolsPlan, separate_pools
+from engines import add, adapters_root, generate, make_engine
 from peers import peft_greedy
 
 
@@ -96,8 +97,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny_models, tiny_adapters
     def sample(extra: int) -> list[int]:
         engine = make_engine(model, adapters_root(tiny_adapters))
         for i in range(extra):
-            engine.add(Request(f"x{i}", [5 + i] * (3 + i), 6, "r8_mlp", ignore_eos=True))
-        seq = engine.add(Request("s", [9, 8, 7], 12, "r16_all", params, ignore_eos=True))
+            add(engine, Request(f"x{i}", [5 + i] * (3 + i), 6, "r8_mlp", ignore_eos=True))
+        seq = add(engine, Request("s", [9, 8, 7], 12, "r16_all", params, ignore_eos=True))
         while engine.has_work():
             engine.step()
         return seq.output_ids
@@ -114,7 +115,7 @@ def test_separate_pools_ablation_is_exact(tiny_models, tiny_adapters):
     rng = random.Random(4)
     requests = [(a, _prompt(rng, 8), 10) for a in ("r16_all", "r8_mlp", None, "r3_attn", "r2_q")]
     unified = generate(make_engine(model, adapters_root(tiny_adapters)), requests)
-    engine = make_engine(model, adapters_root(tiny_adapters), separate_adapter_pages=0.5)
-    assert not engine.scheduler.plan.unified
+    engine = make_engine(model, adapters_root(tiny_adapters), page_plan=separate_pools(0.5))
+    assert isinstance(engine.scheduler.plan, SeparatePoolsPlan)
     assert generate(engine, requests) == unified
     engine.scheduler.plan.check()

@@ -1,4 +1,5 @@
-"""1,000 adapters through a pool that holds at most 50 at once: outputs equal a pool that holds them all."""
+"""1,000 adapters through a pool that holds at most 50 at once and host memory for 100: outputs equal
+a pool that holds them all, and host memory stays within its bound."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import torch
 from engines import make_engine
 from safetensors.torch import load_file, save_file
 
+from lorafleet.coordinator.run import Job, drive
 from lorafleet.coordinator.sequence import Request
 
 N_ADAPTERS = 1000
@@ -25,16 +27,22 @@ def _thousand_adapters(template, root):
         (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
-def _run(engine, max_resident: list[int]) -> list[list[int]]:
-    seqs = [engine.add(Request(str(i), [3 + i % 200, 7, 11], 4, f"a{i:04d}", ignore_eos=True)) for i in range(N_ADAPTERS)]
-    for _ in range(20_000):
-        if not engine.has_work():
-            break
-        engine.step()
+def _run(engine, max_resident: list[int], max_host: list[int]) -> list[list[int]]:
+    """`lorafleet run`'s driver; the pool and host memory are checked after every step."""
+    jobs = [Job(Request(str(i), [3 + i % 200, 7, 11], 4, f"a{i:04d}", ignore_eos=True)) for i in range(N_ADAPTERS)]
+    step = engine.step
+
+    def checked_step():
+        outputs = step()
         engine.scheduler.plan.check()
         max_resident[0] = max(max_resident[0], len(engine.scheduler.plan.adapters))
-    assert not engine.has_work()
-    return [s.output_ids for s in seqs]
+        max_host[0] = max(max_host[0], len(engine.executor.worker.host_adapters()))
+        return outputs
+
+    engine.step = checked_step
+    drive(engine, jobs, max_steps=20_000)
+    assert not engine.has_work() and all(j.error is None for j in jobs)
+    return [j.seq.output_ids for j in jobs]
 
 
 def test_thousand_adapters_through_fifty_slots(tiny_models, adapter_factory, tmp_path):
@@ -46,13 +54,14 @@ def test_thousand_adapters_through_fifty_slots(tiny_models, adapter_factory, tmp
     adapter_pages = 7  # (2*64 + 2*64 + 64*2 + 32*2) / 64
     small = make_engine(model, root, pool_bytes=(50 * adapter_pages + 6) * page_bytes,
                         host_cache_bytes=100 * adapter_pages * page_bytes, max_num_seqs=16)
-    assert small.ensure_adapter("a0000").num_pages == adapter_pages
-    peak = [0]
-    got = _run(small, peak)
+    assert small.ensure_adapter("a0000").info.num_pages == adapter_pages
+    peak, host = [0], [0]
+    got = _run(small, peak, host)
     assert 1 < peak[0] <= 50
+    assert 16 < host[0] <= 100  # the host memory bound held; lorafleet run keeps 2 x max_num_seqs queued
     big = make_engine(model, root, pool_bytes=(N_ADAPTERS * adapter_pages + 2000) * page_bytes, max_num_seqs=16)
     peak_big = [0]
-    assert got == _run(big, peak_big)
+    assert got == _run(big, peak_big, [0])
     assert peak_big[0] > 50
     assert len({tuple(t) for t in got}) > N_ADAPTERS // 2  # the adapters really differ
     shutil.rmtree(root)

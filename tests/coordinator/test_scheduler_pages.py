@@ -1,7 +1,7 @@
 """Page accounting under random admit / step / cancel sequences, with preemption (property-based).
 
-A mirror of the worker's state is rebuilt from the Steps alone, so the test also checks
-that the Step contract keeps every rank's view of the pool equal to the scheduler's.
+The worker's own page tables (worker.step.PageTables) are rebuilt from the Steps alone, so the
+test also checks that the Step contract keeps every rank's view of the pool equal to the scheduler's.
 """
 from __future__ import annotations
 
@@ -10,44 +10,23 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.ablations import SeparatePoolsPlan
+
 from lorafleet.coordinator.pages import PagePlan
 from lorafleet.coordinator.scheduler import RequestTooLarge, Scheduler, SchedulerConfig
 from lorafleet.coordinator.sequence import Request, Status
+from lorafleet.worker.step import PageTables
 
 ADAPTER_PAGES = {"a": 3, "b": 5, "c": 8, "d": 2}
 EOS = 0
 
 
-class WorkerMirror:
-    """What a worker knows, built only from Steps (the same rules as Worker.execute)."""
-
-    def __init__(self):
-        self.seq_pages: dict[int, list[int]] = {}
-        self.adapter_pages: dict[str, list[int]] = {}
-
-    def apply(self, step):
-        for seq_id in step.finished:
-            self.seq_pages.pop(seq_id, None)
-        for name in step.evicted_adapters:
-            self.adapter_pages.pop(name, None)
-        for name, pages in step.load_adapters.items():
-            assert len(pages) == ADAPTER_PAGES[name]
-            self.adapter_pages[name] = list(pages)
-        for w in step.seqs:
-            assert len(w.new_pages) == len(w.token_ids)
-            if w.start == 0:
-                self.seq_pages[w.seq_id] = []
-            assert len(self.seq_pages[w.seq_id]) == w.start, "pages and positions out of step"
-            self.seq_pages[w.seq_id] += w.new_pages
-            if w.adapter is not None:
-                assert w.adapter in self.adapter_pages, "a sequence runs with an adapter that is not in the pool"
-
-
-def check_consistent(sched: Scheduler, mirror: WorkerMirror, step):
+def check_consistent(sched: Scheduler, mirror: PageTables, step):
     sched.plan.check()
     running = {s.seq_id for s in sched.running}
     for w in step.seqs:
         assert mirror.seq_pages[w.seq_id] == sched.plan.seq_pages[w.seq_id]
+        assert len(w.new_pages) == len(w.token_ids)
     assert set(sched.plan.seq_pages) == running
     for name, entry in sched.plan.adapters.items():
         if any(s.adapter == name for s in sched.running):
@@ -68,13 +47,16 @@ op = st.one_of(
 def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity):
     """Unified pool, and the separate-pools ablation (adapter_capacity pages for adapters only)."""
     rng = random.Random(seed)
+    plan = PagePlan(num_pages) if adapter_capacity is None else SeparatePoolsPlan(num_pages, adapter_capacity_pages=adapter_capacity)
     sched = Scheduler(SchedulerConfig(max_num_seqs=6, max_batched_tokens=24, max_model_len=64),
-                      PagePlan(num_pages, adapter_capacity), eos_ids=(EOS,), adapter_pages=dict(ADAPTER_PAGES))
-    mirror, seqs = WorkerMirror(), []
+                      plan, eos_ids=(EOS,), adapter_pages=dict(ADAPTER_PAGES))
+    mirror, seqs = PageTables(), []
 
     def run_step():
         step = sched.schedule()
-        mirror.apply(step)
+        mirror.apply(step)  # raises StepError if the Steps disagree with each other
+        for name, pages in step.load_adapters.items():
+            assert len(pages) == ADAPTER_PAGES[name]
         check_consistent(sched, mirror, step)
         sched.postprocess([rng.choice([EOS, 1, 2, 3, 4, 5]) for _ in step.seqs])
         sched.plan.check()

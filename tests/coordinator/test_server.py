@@ -127,7 +127,7 @@ def test_cancel_and_deadline_free_pages(server):
 
 BAD = [
     (dict(adapter_id="no-such-adapter", prompt_token_ids=[1, 2]), grpc.StatusCode.NOT_FOUND, "not found"),
-    (dict(adapter_id="../r16_all", prompt_token_ids=[1, 2]), grpc.StatusCode.NOT_FOUND, "not valid"),
+    (dict(adapter_id="../r16_all", prompt_token_ids=[1, 2]), grpc.StatusCode.INVALID_ARGUMENT, "not valid"),
     (dict(adapter_id="link", prompt_token_ids=[1, 2]), grpc.StatusCode.PERMISSION_DENIED, "outside the adapters folder"),
     (dict(), grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty"),
     (dict(prompt="hi", prompt_token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT, "exactly one of"),

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from engines import add
 
 from lorafleet.coordinator.config import EngineConfig
 from lorafleet.coordinator.engine import Engine
@@ -27,7 +28,7 @@ def demo():
 def _answers(engine: Engine, question: str, adapters: list[str | None], n: int) -> list[str]:
     """One batch: the question asked of each adapter (None: the base model)."""
     ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": question}])
-    seqs = [engine.add(Request(str(a), ids, n, a)) for a in adapters]
+    seqs = [add(engine, Request(str(a), ids, n, a)) for a in adapters]
     while engine.has_work():
         engine.step()
     return [engine.tokenizer.decode(s.output_ids) for s in seqs]

@@ -9,9 +9,12 @@ import shutil
 import psutil
 import pytest
 import ray
-from engines import generate, make_engine
+from bench.ablations import unfused_executor
+from engines import add, generate, make_engine
 from peers import peft_greedy
 
+from lorafleet.coordinator.config import EngineConfig
+from lorafleet.coordinator.engine import Engine
 from lorafleet.worker.executor import init_ray
 
 pytestmark = pytest.mark.slow
@@ -63,7 +66,7 @@ def _one_step_counts(engine, adapter, prompt_len):
     from lorafleet.coordinator.sequence import Request
 
     engine.executor.call_all("comm_counts", True)
-    engine.add(Request("c", list(range(10, 10 + prompt_len)), 1, adapter, ignore_eos=True))
+    add(engine, Request("c", list(range(10, 10 + prompt_len)), 1, adapter, ignore_eos=True))
     engine.step()
     return engine.executor.call_all("comm_counts", True)[0]
 
@@ -132,7 +135,8 @@ def test_group_leaves_nothing_behind(tiny_models):
 def test_unfused_lora_communication_is_exact_but_costs_more(tp_setup):
     """The comparison path of bench/tp_comm.py: LoRA outputs all-gathered on their own."""
     model, root, requests, join_at, reference = tp_setup
-    engine = make_engine(model, root, tp=2, fuse_lora_comm=False)
+    cfg = EngineConfig(str(model), str(root), tp=2, pool_bytes=16 * 2**20)
+    engine = Engine(cfg, unfused_executor(cfg))
     try:
         assert generate(engine, requests[:4], join_at[:4]) == reference[:4]
         counts = _one_step_counts(engine, "r3_all", 5)
