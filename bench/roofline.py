@@ -10,7 +10,8 @@ For each --dtype, in one run (so the ratios between dtypes see the same machine)
    for each, the model FLOPs of the step (projections, attention, lm_head, LoRA), its time (the
    median of --repeats steps), and the achieved fraction of the peak;
 3. a per-op time breakdown of one step: matmuls (F.linear), attention (write_kv + paged
-   attention), LoRA (the add_*_lora calls), norms/rotary/activation (rms_norm, rotate, silu,
+   attention), LoRA (add_column_lora and each layer's row_output, whose all-reduce is a no-op at
+   tp 1), norms/rotary/activation (rms_norm, rotate, silu,
    embedding), sampling, host (schedule, Step -> tensors, postprocess) and the rest (residual
    adds, splits, Python between the ops). Timers wrap the functions worker/model.py and
    worker/worker.py call, by rebinding their module-level names in this process only: nothing
@@ -166,7 +167,6 @@ def op_timers(engine):
         (model_module, "paged_attention", timers.wrap("attention", model_module.paged_attention)),
         (model_module, "write_kv", timers.wrap("attention", model_module.write_kv)),
         (model_module, "add_column_lora", timers.wrap("lora", model_module.add_column_lora)),
-        (model_module, "add_row_lora", timers.wrap("lora", model_module.add_row_lora)),
         (model_module, "rms_norm", timers.wrap("norm/rotary/activation", model_module.rms_norm)),
         (model_module, "rotate", timers.wrap("norm/rotary/activation", model_module.rotate)),
         (worker_module, "sample", timers.wrap("sampling", worker_module.sample)),
@@ -178,12 +178,18 @@ def op_timers(engine):
     model = engine.executor.worker.model
     rope = model.rope
     model.rope = timers.wrap("norm/rotary/activation", rope)  # the cos/sin tables, once per step
+    # o and down: each layer's row_output adds the LoRA delta (its all-reduce is a no-op at tp 1)
+    row_outputs = [layer.row_output for layer in model.layers]
+    for layer, fn in zip(model.layers, row_outputs):
+        layer.row_output = timers.wrap("lora", fn)
     for obj, name, value in patches:
         setattr(obj, name, value)
     try:
         yield timers
     finally:
         del model.rope
+        for layer, fn in zip(model.layers, row_outputs):
+            layer.row_output = fn
         for obj, name, old, had in saved:
             if had:
                 setattr(obj, name, old)

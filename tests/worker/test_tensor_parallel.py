@@ -135,7 +135,7 @@ def test_group_leaves_nothing_behind(tiny_models):
 def test_unfused_lora_communication_is_exact_but_costs_more(tp_setup):
     """The comparison path of bench/tp_comm.py: LoRA outputs all-gathered on their own."""
     model, root, requests, join_at, reference = tp_setup
-    cfg = EngineConfig(str(model), str(root), tp=2, pool_bytes=16 * 2**20)
+    cfg = EngineConfig(str(model), str(root), tp=2, pool_bytes=16 * 2**20, dtype="float32")
     engine = Engine(cfg, unfused_executor(cfg))
     try:
         assert generate(engine, requests[:4], join_at[:4]) == reference[:4]
