@@ -25,6 +25,7 @@ class EngineConfig:
     fuse_lora_comm: bool = True  # False only for bench/tp_comm.py's comparison
     separate_adapter_pages: float | None = None  # ablation: this fraction of the pool for adapters only
     ray_address: str | None = None  # None: an embedded Ray when tp > 1
+    placement_strategy: str = "PACK"  # how Ray places one replica's tp workers (worker.config.PLACEMENT_STRATEGIES)
 
     def __post_init__(self):
         if not (Path(self.model_dir) / "config.json").is_file():
@@ -46,4 +47,5 @@ class EngineConfig:
             model_dir=self.model_dir, dtype=self.dtype, device=self.device, pool_bytes=self.pool_bytes,
             pool_fraction=self.pool_fraction, fuse_lora_comm=self.fuse_lora_comm,
             host_cache_bytes=self.host_cache_bytes, max_lora_rank=self.max_lora_rank,
+            placement_strategy=self.placement_strategy,
         )

@@ -10,6 +10,8 @@ import torch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How Ray places a replica's tp ranks (its placement group's strategy).
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 class ModelConfigError(ValueError):
@@ -159,8 +161,11 @@ class WorkerConfig:
     host_cache_bytes: int = 2 * 2**30
     max_lora_rank: int = 256
     fuse_lora_comm: bool = True  # False only to measure what fusing saves (bench/tp_comm.py)
+    placement_strategy: str = "PACK"  # of a replica's Ray placement group (RayWorkerGroup)
 
     def __post_init__(self):
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement strategy {self.placement_strategy!r}: choose one of {', '.join(PLACEMENT_STRATEGIES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.pool_bytes is not None and self.pool_bytes <= 0:
