@@ -11,6 +11,8 @@ import torch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How Ray places a replica's tp ranks (its placement group's strategy).
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 class ModelConfigError(ValueError):
@@ -161,8 +163,11 @@ class WorkerConfig:
     # the row-parallel projections' output with its LoRA communication (worker/lora.py's
     # row_parallel_output when None); bench/ablations.py injects the unfused one to measure it
     row_output: Callable | None = None
+    placement_strategy: str = "PACK"  # of a replica's Ray placement group (RayWorkerGroup)
 
     def __post_init__(self):
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement strategy {self.placement_strategy!r}: choose one of {', '.join(PLACEMENT_STRATEGIES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.pool_bytes is not None and self.pool_bytes <= 0:
