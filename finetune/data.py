@@ -59,8 +59,8 @@ class DataSet:
     bad: list[BadLine]
 
 
-class _Bad(Exception):
-    """A line that cannot be used; its message is the reason."""
+class BadExample(DataError):
+    """An example that cannot be used; its message is the reason (read_jsonl adds the line)."""
 
 
 def _eos_id(tokenizer) -> int | None:
@@ -75,7 +75,7 @@ def encode_prompt_completion(tokenizer, prompt: str, completion: str, line: int 
     if eos is not None:
         completion_ids.append(eos)
     if not completion_ids:
-        raise _Bad("the completion is empty and the tokenizer has no eos token: nothing to learn")
+        raise BadExample("the completion is empty and the tokenizer has no eos token: nothing to learn")
     ids = prompt_ids + completion_ids
     labels = [IGNORE] * len(prompt_ids) + completion_ids
     return Example(tuple(ids), tuple(labels), line, len(prompt_ids))
@@ -85,7 +85,7 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> lis
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     except Exception as e:  # noqa: BLE001 - a template may raise anything (jinja2 errors, raise_exception)
-        raise _Bad(f"the model's chat template refused this conversation: {e}") from None
+        raise BadExample(f"the model's chat template refused this conversation: {e}") from None
     # The server tokenises the rendered chat without adding special tokens (the template holds them).
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -93,7 +93,7 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> lis
 def encode_messages(tokenizer, messages: list[dict], line: int = 0) -> Example:
     """The served token ids of a chat; labels on the assistant turns only (see the module doc)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise _Bad('this model\'s tokenizer has no chat template; use {"prompt", "completion"} lines')
+        raise BadExample('this model\'s tokenizer has no chat template; use {"prompt", "completion"} lines')
     full = _render(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE] * len(full)
     eos = _eos_id(tokenizer)
@@ -104,7 +104,7 @@ def encode_messages(tokenizer, messages: list[dict], line: int = 0) -> Example:
         prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if full[: len(prompt)] != prompt or full[: len(upto)] != upto or len(upto) <= len(prompt):
-            raise _Bad(f"the chat template renders assistant turn {i} differently inside the whole chat than after "
+            raise BadExample(f"the chat template renders assistant turn {i} differently inside the whole chat than after "
                        "its generation prompt, so its tokens are not the ones the server would see")
         end = len(upto)
         span = full[len(prompt):end]
@@ -117,54 +117,54 @@ def encode_messages(tokenizer, messages: list[dict], line: int = 0) -> Example:
 
 def _check_messages(messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise _Bad('"messages" must be a non-empty list of {"role", "content"} objects')
+        raise BadExample('"messages" must be a non-empty list of {"role", "content"} objects')
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or set(m) - {"role", "content"} or "role" not in m or "content" not in m:
-            raise _Bad(f'messages[{i}] must be an object with exactly "role" and "content"')
+            raise BadExample(f'messages[{i}] must be an object with exactly "role" and "content"')
         if m["role"] not in ROLES:
-            raise _Bad(f"messages[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
+            raise BadExample(f"messages[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
-            raise _Bad(f"messages[{i}].content must be a string")
+            raise BadExample(f"messages[{i}].content must be a string")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
-        raise _Bad("the conversation has no assistant message: nothing to learn")
+        raise BadExample("the conversation has no assistant message: nothing to learn")
     if out[-1]["role"] != "assistant":
-        raise _Bad(f"the last message is from {out[-1]['role']!r}; a training conversation ends with the assistant's answer")
+        raise BadExample(f"the last message is from {out[-1]['role']!r}; a training conversation ends with the assistant's answer")
     return out
 
 
 def encode_line(tokenizer, text: str, line: int, max_length: int) -> Example:
-    """One JSONL line -> Example; raises _Bad with the reason."""
+    """One JSONL line -> Example; raises BadExample with the reason."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _Bad(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        raise BadExample(f"not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
-        raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
+        raise BadExample(f"expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
         if "prompt" in obj or "completion" in obj:
-            raise _Bad('give either "messages" or "prompt" and "completion", not both')
+            raise BadExample('give either "messages" or "prompt" and "completion", not both')
         example = encode_messages(tokenizer, _check_messages(obj["messages"]), line)
     elif "prompt" in obj or "completion" in obj:
         for key in ("prompt", "completion"):
             if key not in obj:
-                raise _Bad(f'"{key}" is missing (a line holds "prompt" and "completion", or "messages")')
+                raise BadExample(f'"{key}" is missing (a line holds "prompt" and "completion", or "messages")')
             if not isinstance(obj[key], str):
-                raise _Bad(f'"{key}" must be a string, got {type(obj[key]).__name__}')
+                raise BadExample(f'"{key}" must be a string, got {type(obj[key]).__name__}')
         if not obj["completion"]:
-            raise _Bad('"completion" is empty')
+            raise BadExample('"completion" is empty')
         example = encode_prompt_completion(tokenizer, obj["prompt"], obj["completion"], line)
     else:
         keys = ", ".join(sorted(obj)) or "none"
-        raise _Bad(f'expected "prompt" and "completion", or "messages" (keys found: {keys})')
+        raise BadExample(f'expected "prompt" and "completion", or "messages" (keys found: {keys})')
     if len(example.ids) > max_length:
         labels = example.labels[:max_length]
         if all(lab == IGNORE for lab in labels):
-            raise _Bad(f"{len(example.ids)} tokens, and truncating to --max-length {max_length} leaves no token to learn")
+            raise BadExample(f"{len(example.ids)} tokens, and truncating to --max-length {max_length} leaves no token to learn")
         example = Example(example.ids[:max_length], labels, line, min(example.target_start, max_length))
     if all(lab == IGNORE for lab in example.labels[1:]):
-        raise _Bad("no token to learn after the first position: the prompt is empty (a first token has no context)")
+        raise BadExample("no token to learn after the first position: the prompt is empty (a first token has no context)")
     return example
 
 
@@ -191,7 +191,7 @@ def read_jsonl(path: str | Path, tokenizer, max_length: int, on_bad_line: str = 
                 try:
                     examples.append(encode_line(tokenizer, text, number, max_length))
                     continue
-                except _Bad as e:
+                except BadExample as e:
                     reason = str(e)
             if on_bad_line == "error":
                 raise DataError(f"{path}:{number}: {reason} (pass --on-bad-line skip to skip such lines)")
