@@ -124,7 +124,8 @@ def require_train_packages() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise FinetuneError(f"lorafleet finetune needs {' and '.join(missing)}, which are not installed: {INSTALL_HINT}")
+        raise FinetuneError(f"lorafleet finetune needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                            f"not installed: {INSTALL_HINT}")
 
 
 def _say(message: str) -> None:
@@ -221,11 +222,16 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                                                       config.batch_size, config.grad_accum)
     alpha = config.alpha if config.alpha is not None else 2.0 * config.rank
     scale = model.lora_scale(config.rank, alpha, config.rslora)
+    steps1 = 0
+    if config.method == "sparse-lora":
+        if total < 2:
+            raise FinetuneError("--method sparse-lora needs at least 2 steps (one per stage); raise --max-steps or --epochs")
+        steps1 = config.sparse_steps if config.sparse_steps is not None else total // 2
+        if not 1 <= steps1 < total:
+            raise FinetuneError(f"--sparse-steps must be between 1 and {total - 1} (the total is {total} steps)")
     base = model.load_base(model_dir, config.dtype, device)
     if config.method == "sparse-lora":
         sparse.check_rank(base, config.targets, config.rank)
-        if total < 2:
-            raise FinetuneError("--method sparse-lora needs at least 2 steps (one per stage); raise --max-steps or --epochs")
     else:
         model.target_linears(base, config.targets)
 
@@ -253,9 +259,6 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     result = FinetuneResult(adapter=output, report=report)
     settings = dict(lr=config.lr, batch_size=config.batch_size, grad_accum=config.grad_accum, seed=config.seed)
     if config.method == "sparse-lora":
-        steps1 = config.sparse_steps if config.sparse_steps is not None else total // 2
-        if not 1 <= steps1 < total:
-            raise FinetuneError(f"--sparse-steps must be between 1 and {total - 1} (the total is {total} steps)")
         density = config.density if config.density is not None else 0.01
         stage1 = loop.TrainSettings(steps=steps1, **dict(settings, lr=config.sparse_lr or config.lr))
         bar, on_step = _progress(steps1, config.progress, "sparse stage")
