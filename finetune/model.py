@@ -1,6 +1,7 @@
 """The base model, its tokenizer and the PEFT LoRA model trained on it."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 # Short names on the command line -> the Llama family's module names.
@@ -89,4 +90,7 @@ def peft_lora_model(base, rank: int, alpha: float, targets, use_rslora: bool, se
 
     target_linears(base, targets)
     torch.manual_seed(seed)
-    return get_peft_model(base, lora_config(rank, alpha, targets, use_rslora))
+    with warnings.catch_warnings():
+        # peft calls a transformers API that transformers 5 deprecated; not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(base, lora_config(rank, alpha, targets, use_rslora))

@@ -106,14 +106,10 @@ class FinetuneResult:
 
 
 def _quiet_libraries() -> None:
-    import warnings
-
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # weight-loading bars; ours is the training bar
-    # peft calls a transformers API that transformers 5 deprecated; not ours to fix.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def require_train_packages() -> None:
