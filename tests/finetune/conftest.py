@@ -1,20 +1,10 @@
 """Fixtures of the finetune tests: one tiny random Llama (GQA) and a small synthetic task."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-
-# 16 prompts, each mapped to a fixed completion: learnable by memorisation, impossible before.
-WORDS = ("apple", "river", "stone", "cloud", "tiger", "piano", "ocean", "maple",
-         "candle", "rocket", "violet", "desert", "lemon", "falcon", "copper", "meadow")
-TASK = [(f"item {i}:", f" {w}") for i, w in enumerate(WORDS)]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
+from ft_task import TASK, write_jsonl
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import json
 import sys
 
 import pytest
-from conftest import write_jsonl
+from ft_task import write_jsonl
 
 from lorafleet.coordinator.cli import main
 

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from ft_task import write_jsonl
 from peers import EOS_ID, decode, encode
 
 from lorafleet.finetune.data import IGNORE, DataError, encode_messages, encode_prompt_completion, read_jsonl

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import TASK
+from ft_task import TASK
 
 from lorafleet.finetune.data import encode_messages, encode_prompt_completion
 from lorafleet.finetune.loop import TrainSettings, labelled_logits, train

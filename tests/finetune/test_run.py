@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import TASK
+from ft_task import TASK
 from engines import generate, make_engine
 from peers import encode, load_peer_model, peft_greedy
 from safetensors.torch import load_file
