@@ -114,6 +114,12 @@ def cmd_demo(args) -> int:
     return run_demo(engine_config(args))
 
 
+def cmd_finetune(args) -> int:
+    from ..finetune.cli import run  # torch, transformers and peft load only when training starts
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorafleet", description="Serve one base LLM with thousands of LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="answer a few prompts with each demo adapter")
     add_engine_args(demo)
     demo.set_defaults(func=cmd_demo)
+
+    from ..finetune.cli import add_finetune_args  # argparse only
+
+    ft = sub.add_parser("finetune", help="train a LoRA or sparse-LoRA adapter on a JSONL file (needs lorafleet[train])")
+    add_finetune_args(ft)
+    ft.set_defaults(func=cmd_finetune)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
