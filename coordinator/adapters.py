@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..worker.adapter_store import AdapterInfo
-from ..worker.adapters import AdapterError, read_config
+from ..worker.adapters import AdapterError, check_folder
 from .request import check_adapter_name
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class AdapterTable:
         self.entries: dict[str, AdapterEntry] = {}
         self.changed: set[str] = set()  # names whose view a snapshot must refresh
         self._clock = 0
+        self._reads = 0  # generations are unique in the table, so a report never matches a later entry
 
     def get(self, name: str) -> AdapterEntry | None:
         return self.entries.get(name)
@@ -116,7 +117,8 @@ class AdapterTable:
 
     def start_read(self, name: str) -> tuple[Path, int]:
         entry = self.entries[name]
-        entry.state, entry.generation, entry.wanted = AdapterState.READING, entry.generation + 1, False
+        self._reads += 1
+        entry.state, entry.generation, entry.wanted = AdapterState.READING, self._reads, False
         self.changed.add(name)
         return entry.folder, entry.generation
 
@@ -238,7 +240,7 @@ class DiskCatalog:
         name = folder.name
         try:
             check_adapter_name(name)
-            config = read_config(name, folder)
+            config = check_folder(name, folder)
             targets = config.get("target_modules") or []
             r = config.get("r", 0)
             return {"name": name, "rank": int(r), "targets": sorted(targets) if isinstance(targets, list) else [str(targets)],

@@ -25,6 +25,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default): bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, float32 on other CPUs")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start an embedded one when --tp > 1)")
+    p.add_argument("--placement-strategy", default="PACK", type=str.upper,
+                   choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                   help="how Ray places each replica's tp workers (default PACK: as few nodes as possible, since the "
+                        "ranks all-reduce every layer; SPREAD: one node each where it can)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-lora-rank", type=int, default=256)
     p.add_argument("--pool-bytes", type=parse_bytes, default=parse_bytes("512MiB"),
@@ -45,6 +49,7 @@ def engine_config(args):
         pool_bytes=None if args.pool_fraction is not None else args.pool_bytes,
         pool_fraction=args.pool_fraction or 0.9, host_cache_bytes=args.host_cache_bytes, max_lora_rank=args.max_lora_rank,
         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens, ray_address=args.ray_address,
+        placement_strategy=args.placement_strategy,
     )
 
 
@@ -82,17 +87,38 @@ def cmd_serve(args) -> int:
         info = json.loads(line)
         print(f"lorafleet: serving {args.model} on {info['host']}:{info['port']}"
               + (f", metrics on http://{info['host']}:{info['metrics_port']}/metrics" if info["metrics_port"] else ""), file=sys.stderr)
-        print(f"  try: lorafleet generate --target {info['host']}:{info['port']} --chat \"What is the capital of France?\"", file=sys.stderr)
-        print(f"       lorafleet adapters list --target {info['host']}:{info['port']}", file=sys.stderr)
+        me = own_command()
+        print(f"  try: {me} generate --target {info['host']}:{info['port']} --chat \"What is the capital of France?\"", file=sys.stderr)
+        print(f"       {me} adapters list --target {info['host']}:{info['port']}", file=sys.stderr)
 
     asyncio.run(serve(cfg, announce))
     return 0
+
+
+def own_command() -> str:
+    """This `lorafleet` as a user would type it here: `.venv/bin/lorafleet` in a checkout (as the README
+    writes it), `lorafleet` where that is the one on PATH (the image)."""
+    import os
+    import shutil
+
+    invoked = os.path.abspath(sys.argv[0])
+    on_path = shutil.which("lorafleet")
+    if on_path and os.path.abspath(on_path) == invoked:
+        return "lorafleet"
+    relative = os.path.relpath(invoked)
+    return relative if not relative.startswith("..") else invoked
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(engine_config(args))
+
+
+def cmd_finetune(args) -> int:
+    from ..finetune.cli import run  # torch, transformers and peft load only when training starts
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="answer a few prompts with each demo adapter")
     add_engine_args(demo)
     demo.set_defaults(func=cmd_demo)
+
+    from ..finetune.cli import add_finetune_args  # argparse only
+
+    ft = sub.add_parser("finetune", help="train a LoRA or sparse-LoRA adapter on a JSONL file (needs lorafleet[train])")
+    add_finetune_args(ft)
+    ft.set_defaults(func=cmd_finetune)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

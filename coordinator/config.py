@@ -23,6 +23,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_queue: int = 4096
     ray_address: str | None = None  # None: an embedded Ray when tp > 1
+    placement_strategy: str = "PACK"  # how Ray places one replica's tp workers (worker.config.PLACEMENT_STRATEGIES)
 
     def __post_init__(self):
         if not (Path(self.model_dir) / "config.json").is_file():
@@ -44,4 +45,5 @@ class EngineConfig:
         return WorkerConfig(
             model_dir=self.model_dir, dtype=self.dtype, device=self.device, pool_bytes=self.pool_bytes,
             pool_fraction=self.pool_fraction, max_lora_rank=self.max_lora_rank,
+            placement_strategy=self.placement_strategy,
         )

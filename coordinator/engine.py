@@ -65,6 +65,8 @@ class Engine:
         held = self.adapters.host_bytes
         if held and held + need > self.adapters.capacity:
             return None
+        if name in self._dropped:  # a drop not yet sent must not hit the copy this read makes
+            self._dropped.remove(name)
         folder, generation = self.adapters.start_read(name)
         return name, folder, generation
 
@@ -79,6 +81,9 @@ class Engine:
         if error is not None:
             return self.adapters.read_failed(name, generation, error)
         if not self.adapters.read_done(name, generation, infos[0]):
+            entry = self.adapters.get(name)
+            if entry is None or entry.state in (AdapterState.DISK, AdapterState.FAILED):
+                self._dropped.append(name)  # unloaded while it was read: the copy it left is no one's
             return False
         self.scheduler.adapter_pages[name] = infos[0].num_pages
         self._drop_host_copies(self.adapters.over_capacity(keep=name))

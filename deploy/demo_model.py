@@ -6,7 +6,8 @@ and saves a plain Hugging Face folder (config.json, model.safetensors,
 tokenizer.json, ...) that lorafleet serves like any user model.
 
 It then fine-tunes a handful of small LoRA adapters on CPU, each on a few
-hand-written chat examples, so that every adapter has a behaviour one can see
+hand-written chat examples, with lorafleet.finetune's training loop (the one that
+`lorafleet finetune` runs), so that every adapter has a behaviour one can see
 (pirate speak, emoji, haiku, JSON, ...). They are saved in PEFT format and mix
 ranks, target sets and rsLoRA, to exercise heterogeneous batching.
 
@@ -553,133 +554,55 @@ def build_model(out: Path) -> None:
 # Part 2: the demo adapters
 # --------------------------------------------------------------------------
 
-def _encode_example(tokenizer, question: str, answer: str, im_end: int) -> tuple[list[int], list[int]]:
-    """Token ids of one chat turn in the served format, and labels on the answer only."""
-    prompt = _chat_ids(tokenizer, [{"role": "user", "content": question}], True)
-    reply = tokenizer.encode(answer, add_special_tokens=False) + [im_end]
-    full = _chat_ids(tokenizer, [{"role": "user", "content": question},
-                                 {"role": "assistant", "content": answer}], False)
-    # The template renders "<|im_start|>assistant\n" + answer + "<|im_end|>\n";
-    # check the split tokenisation equals the joint one, so training sees served tokens.
-    if full[: len(prompt) + len(reply)] != prompt + reply:
-        raise DemoModelError(f"answer tokenisation depends on its context: {answer!r}")
-    return prompt + reply, [-100] * len(prompt) + reply
+def _encode_example(tokenizer, question: str, answer: str):
+    """One chat turn in the served format, the loss on the answer only (lorafleet.finetune's masking)."""
+    from lorafleet.finetune.data import DataError, encode_messages
 
-
-def _batches(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Example indices per step: reshuffled epochs, fixed by the seed."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    while len(order) < steps * batch_size:
-        order += torch.randperm(n_examples, generator=gen).tolist()
-    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
-
-
-def _loss(peft_model, rows: list[tuple[list[int], list[int]]], pad_id: int):
-    """Next-token cross-entropy on the answer tokens of a batch of (ids, labels) rows.
-
-    Two savings, both exact: the prompt prefix that every row shares (the system
-    prompt and more) runs once, and its keys and values are repeated over the
-    batch (gradients flow through them); and the LM head runs only where there
-    is a label. Rows are right-padded after the shared prefix.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    causal_lm = peft_model.get_base_model()
-    first_label = min(next(i for i, lab in enumerate(labs) if lab != -100) for _, labs in rows)
-    shared = 0
-    # Stop one short of the first label: the hidden state there predicts it.
-    while shared < first_label - 1 and len({ids[shared] for ids, _ in rows}) == 1:
-        shared += 1
-    cache = None
-    if shared:
-        prefix = torch.tensor([rows[0][0][:shared]])
-        cache = causal_lm.model(input_ids=prefix, use_cache=True).past_key_values
-        cache.batch_repeat_interleave(len(rows))
-    width = max(len(ids) for ids, _ in rows) - shared
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    attention = torch.zeros((len(rows), shared + width), dtype=torch.long)
-    attention[:, :shared] = 1
-    for row, (ids, labs) in enumerate(rows):
-        n = len(ids) - shared
-        input_ids[row, :n] = torch.tensor(ids[shared:])
-        labels[row, :n] = torch.tensor(labs[shared:])
-        attention[row, shared:shared + n] = 1
-    hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention,
-                             past_key_values=cache, use_cache=cache is not None).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    logits = causal_lm.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits, targets[keep])
+    try:
+        return encode_messages(tokenizer, [{"role": "user", "content": question},
+                                           {"role": "assistant", "content": answer}])
+    except DataError as e:
+        raise DemoModelError(f"cannot encode the example {question!r}: {e}") from e
 
 
 def train_adapter(base, tokenizer, spec: AdapterSpec, out: Path, model_dir: Path,
                   batch_size: int, steps: int | None) -> float:
-    import torch
-    from peft import LoraConfig, get_peft_model
+    """Fine-tunes one demo adapter with lorafleet.finetune's training loop (the one loop of the project)."""
+    from lorafleet.finetune import loop
+    from lorafleet.finetune.model import peft_lora_model
+    from lorafleet.finetune.run import FinetuneError, save_adapter
 
     seed = SEED + zlib.crc32(spec.name.encode())
-    torch.manual_seed(seed)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.pad_token_id
-    encoded = [_encode_example(tokenizer, q, a, im_end) for q, a in spec.examples]
+    encoded = [_encode_example(tokenizer, q, a) for q, a in spec.examples]
     n_steps = steps if steps is not None else spec.steps
 
-    config = LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
-        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", use_rslora=spec.use_rslora,
-    )
-    peft_model = get_peft_model(base, config)
+    peft_model = peft_lora_model(base, spec.rank, spec.alpha, spec.targets, spec.use_rslora, seed)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    warmup = max(1, n_steps // 8)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else max(0.1, (n_steps - s) / (n_steps - warmup + 1)),
-    )
-    peft_model.train()
-    first = last = float("nan")
-    for step, batch in enumerate(_batches(len(encoded), batch_size, n_steps, seed)):
-        loss = _loss(peft_model, [encoded[i] for i in batch], pad)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        last = loss.item()
-        if step == 0:
-            first = last
-    peft_model.eval()
-    log(f"  {spec.name}: {n_steps} steps, loss {first:.2f} -> {last:.2f}")
-
-    answer = greedy_answer(peft_model, tokenizer, spec.showcase)
-    log(f"  {spec.name}: {spec.showcase!r} -> {answer!r}")
-    if not re.search(spec.marker, answer):
-        # Greedy text can differ across CPUs; the adapter is still valid, only less showy.
-        log(f"  WARNING: {spec.name}'s answer lacks the expected {spec.marker!r}")
-
-    partial = _fresh_partial(out, staging=out.parent)
+    settings = loop.TrainSettings(steps=n_steps, lr=spec.lr, batch_size=batch_size, seed=seed)
     try:
-        peft_model.save_pretrained(partial, safe_serialization=True)
-        config_path = partial / "adapter_config.json"
-        adapter_config = json.loads(config_path.read_text())
-        adapter_config["base_model_name_or_path"] = str(model_dir)
-        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-        (partial / "README.md").unlink(missing_ok=True)  # PEFT's generic model card
-        for path in partial.iterdir():
-            path.chmod(0o644)
-        if not adapter_complete(partial, spec):
-            raise DemoModelError(f"PEFT did not write a complete adapter for {spec.name}")
-        _publish(partial, out, ADAPTER_FILES + ("README.md",))
+        losses = loop.train(peft_model, params, encoded, settings)
+        log(f"  {spec.name}: {n_steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+
+        answer = greedy_answer(peft_model, tokenizer, spec.showcase)
+        log(f"  {spec.name}: {spec.showcase!r} -> {answer!r}")
+        if not re.search(spec.marker, answer):
+            # Greedy text can differ across CPUs; the adapter is still valid, only less showy.
+            log(f"  WARNING: {spec.name}'s answer lacks the expected {spec.marker!r}")
+
+        partial = _fresh_partial(out, staging=out.parent)
+        try:
+            save_adapter(peft_model, partial, model_dir)
+            if not adapter_complete(partial, spec):
+                raise DemoModelError(f"PEFT did not write a complete adapter for {spec.name}")
+            _publish(partial, out, ADAPTER_FILES + ("README.md",))
+        except FinetuneError as e:
+            raise DemoModelError(f"saving {spec.name}: {e}") from e
+        finally:
+            if partial.exists():
+                shutil.rmtree(partial)
     finally:
-        if partial.exists():
-            shutil.rmtree(partial)
         peft_model.unload()  # removes the LoRA layers; the base weights were never trained
-    return last
+    return losses[-1]
 
 
 def write_adapters_readme(folder: Path, model_dir: Path) -> None:

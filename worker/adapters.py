@@ -143,6 +143,34 @@ def read_config(name: str, path: Path) -> dict:
     return config
 
 
+def check_folder(name: str, path: Path) -> dict:
+    """What listing can check without reading the weights: the config, and each lora_A's rank in the
+    safetensors header against the config's r (PEFT refuses a file that disagrees). Raises AdapterError."""
+    config = read_config(name, path)
+    st = path / "adapter_model.safetensors"
+    if not st.is_file():
+        _read_tensors(name, path)  # raises with the reason (missing, or pickled)
+    try:
+        with open(st, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(_MAX_HEADER, os.fstat(f.fileno()).st_size - 8):
+                raise ValueError(f"header length {n} does not fit the file")
+            header = json.loads(f.read(n))
+    except (ValueError, struct.error, OSError) as e:
+        raise AdapterError(name, f"adapter_model.safetensors cannot be read ({e})") from e
+    if not isinstance(header, dict):
+        raise AdapterError(name, "adapter_model.safetensors has a header that is not a JSON object")
+    for key, meta in header.items():
+        m = _KEY.match(key)
+        if m is None or m["ab"] != "A" or not isinstance(meta, dict) or not meta.get("shape"):
+            continue
+        declared = _pattern_value(config.get("rank_pattern"), m["module"], config.get("r"))
+        if declared is not None and meta["shape"][0] != declared:
+            raise AdapterError(name, f"adapter_config.json says r={declared:g} for {m['module'].rsplit('.', 1)[-1]} "
+                                     f"but its tensors have rank {meta['shape'][0]}")
+    return config
+
+
 def _read_tensors(name: str, path: Path) -> tuple[dict[str, torch.Tensor], "_Spans"]:
     """Every tensor of adapter_model.safetensors, as views into one buffer read in one call."""
     st = path / "adapter_model.safetensors"

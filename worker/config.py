@@ -50,6 +50,9 @@ def resolve_dtype(dtype: str, device: str = "cpu", cpuinfo: str | None = None) -
         return "bfloat16"
     return "bfloat16" if cpu_has_native_bf16(cpuinfo) else "float32"
 
+# How Ray places a replica's tp ranks (its placement group's strategy).
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
 
 class ModelConfigError(ValueError):
     """The model folder cannot be served; the message says why."""
@@ -199,8 +202,11 @@ class WorkerConfig:
     # the row-parallel projections' output with its LoRA communication (worker/lora.py's
     # row_parallel_output when None); bench/ablations.py injects the unfused one to measure it
     row_output: Callable | None = None
+    placement_strategy: str = "PACK"  # of a replica's Ray placement group (RayWorkerGroup)
 
     def __post_init__(self):
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement strategy {self.placement_strategy!r}: choose one of {', '.join(PLACEMENT_STRATEGIES)}")
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
         if self.pool_bytes is not None and self.pool_bytes <= 0:
             raise ValueError("pool_bytes must be positive")

@@ -115,12 +115,15 @@ class RayWorkerGroup:
             self.shutdown()
             kind = "GPUs" if on_gpu else "CPUs"
             raise ValueError(f"tp={tp} needs {need:g} {kind} in Ray, which has {have:g} free")
-        self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy="PACK")
+        # PACK by default: a replica's ranks all-reduce twice per layer, so as few nodes as fit them.
+        strategy = cfg.placement_strategy
+        self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy=strategy)
         try:
             ray.get(self.pg.ready(), timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
-            raise ValueError(f"Ray could not place {tp} workers of {bundle} within {start_timeout:.0f}s") from None
+            raise ValueError(f"Ray could not place {tp} workers of {bundle} with strategy {strategy} "
+                             f"within {start_timeout:.0f}s") from None
         actor_cls = ray.remote(WorkerActor)
         threads = max(1, int((os.cpu_count() or 1) / tp)) if not on_gpu else 1
         env = {"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}} if ray_address is None else None

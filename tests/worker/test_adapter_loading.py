@@ -1,5 +1,5 @@
 """Loading adapters: cheap reading and packing (the same bytes and refusals as before), and the
-worker's background prefetch of adapters that fell out of the host cache (one read each)."""
+worker's adapter store, which reads only when the coordinator asks and never inside a step."""
 from __future__ import annotations
 
 import shutil
@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from engines import AdapterReads, generate, make_engine
+from engines import AdapterReads, add, generate, make_engine
 from peers import peft_greedy
 from safetensors.torch import load_file, save_file
 
-import lorafleet.worker.worker as worker_module
+from lorafleet.coordinator.adapters import AdapterState
+from lorafleet.coordinator.sequence import Request
 from lorafleet.worker.adapters import AdapterError, read_adapter
 from lorafleet.worker.config import ModelConfig
 from lorafleet.worker.loader import Shard
@@ -129,151 +130,85 @@ def test_damaged_safetensors_is_refused(tiny_models, tiny_adapters, tmp_path, da
         read_adapter("x", folder, cfg, max_rank=256)
 
 
-# ------------------------------------------------------------- prefetch
+# ------------------------------------------------------------- the adapter store
+
+
+def test_config_rank_must_match_the_tensors(tiny_models, tiny_adapters, tmp_path):
+    """PEFT builds layers of the config's r and refuses tensors of another rank: so does lorafleet."""
+    import json
+
+    cfg = ModelConfig.from_dir(tiny_models["llama_gqa"])
+    folder = tmp_path / "liar"
+    shutil.copytree(tiny_adapters["r8_k"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    with pytest.raises(AdapterError, match="says r=4 for k_proj but its tensors in layer 0 have rank 8"):
+        read_adapter("liar", folder, cfg, 64)
+    (folder / "adapter_config.json").write_text("[1, 2, 3]")
+    with pytest.raises(AdapterError, match="not a JSON object"):
+        read_adapter("liar", folder, cfg, 64)
+
+
+def test_the_store_reads_only_when_told_and_steps_never_read(tiny_models, same_size_adapters, monkeypatch):
+    """The worker reads an adapter when the coordinator asks (read_adapter), places its host copy when
+    a Step says so, drops it when a Step says so, and refuses to place one it was never told to read."""
+    engine = make_engine(tiny_models["llama_gqa"], same_size_adapters)
+    worker = engine.executor.worker
+    reads = AdapterReads(monkeypatch, WAIT)
+    info = worker.read_adapter("s0", str(same_size_adapters / "s0"))
+    assert reads.count("s0") == 1 and worker.host_adapters() == ["s0"]
+    pages = list(range(info.num_pages))
+    worker.execute(Step(load_adapters={"s0": pages}))
+    assert torch.equal(worker.pool.pages[:, pages], worker.adapters.get("s0").packed)
+    assert reads.count("s0") == 1  # placing reads nothing
+    worker.execute(Step(evicted_adapters=["s0"], dropped_adapters=["s0"]))
+    assert worker.host_adapters() == [] and "s0" not in worker.tables.adapter_pages
+    with pytest.raises(RuntimeError, match="not in this rank's host memory"):
+        worker.execute(Step(load_adapters={"s0": pages}))
+    assert reads.count("s0") == 1
+    engine.shutdown()
+
+
+def test_a_rewritten_adapter_gets_a_new_version(tiny_models, same_size_adapters, tmp_path):
+    engine = make_engine(tiny_models["llama_gqa"], same_size_adapters)
+    folder = tmp_path / "v"
+    shutil.copytree(same_size_adapters / "s0", folder)
+    first = engine.executor.worker.read_adapter("v", str(folder))
+    shutil.rmtree(folder)
+    shutil.copytree(same_size_adapters / "s1", folder)
+    second = engine.executor.worker.read_adapter("v", str(folder))
+    assert first.version and second.version and first.version != second.version
+    engine.shutdown()
 
 
 @pytest.fixture(scope="module")
 def same_size_adapters(tiny_models, adapter_factory, tmp_path_factory):
-    """Four adapters of one size (rank 2 on q and v), so a host cache can be sized in adapters."""
+    """Four adapters of one size (rank 2 on q and v), so host memory can be sized in adapters."""
     root = tmp_path_factory.mktemp("same_size")
     for i in range(4):
         adapter_factory(tiny_models["llama_gqa"], root / f"s{i}", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], seed=60 + i)
     return root
 
 
-def _adapter_bytes(engine, name: str) -> int:
-    w = engine.executor.worker
-    return w.model_cfg.num_layers * engine.registry.entries[name].num_pages * w.page_dim * 4
-
-
-def _engine_with_cache_of(model, root, adapters: int, **kw):
-    """An engine whose host cache holds exactly `adapters` of the same-size adapters."""
-    probe = make_engine(model, root)
-    size = _adapter_bytes(probe, probe.ensure_adapter("s0").name)
+def test_host_memory_is_least_recently_used_out(tiny_models, same_size_adapters):
+    """Host memory for two adapters: reading a third drops the least recently used idle one (and its
+    pool pages); one that a queued request uses is never dropped; the tokens stay PEFT's."""
+    model = tiny_models["llama_gqa"]
+    probe = make_engine(model, same_size_adapters)
+    size = probe.ensure_adapter("s0").info.host_bytes
     probe.shutdown()
-    return make_engine(model, root, host_cache_bytes=adapters * size + size // 2, **kw)
-
-
-def _wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def test_prefetched_adapter_is_read_once(tiny_models, same_size_adapters, monkeypatch):
-    """Adapters pushed out of the host cache are re-read on the prefetch thread while they wait in
-    the queue, once each; loading them into the pool then takes them from the cache."""
-    model = tiny_models["llama_gqa"]
-    engine = _engine_with_cache_of(model, same_size_adapters, adapters=1, max_num_seqs=1)
-    names = ["s0", "s1", "s2"]
-    for name in names:
-        engine.ensure_adapter(name)
-    worker = engine.executor.worker
-    assert worker.host_cached_adapters() == ["s2"]
-    reads = AdapterReads(monkeypatch, WAIT)
-    requests = [(name, [5, 6, 7], 3) for name in names]
-    got = generate(engine, requests)
-    assert reads.count("s0") == 1  # admitted in the first step: read on the engine thread, no time to prefetch
-    for name in ("s1", "s2"):
-        assert reads.count(name) == 1, reads.calls
-        assert [t for n, t in reads.calls if n == name][0].startswith("adapter-prefetch")
-    assert not worker._prefetching
-    assert got == generate(make_engine(model, same_size_adapters), requests)
-    assert got[1] == peft_greedy(model, same_size_adapters / "s1", [5, 6, 7], 3)
-    engine.shutdown()
-
-
-def test_load_waits_for_the_read_in_flight(tiny_models, same_size_adapters, monkeypatch):
-    """A step that needs an adapter being prefetched waits for that read instead of starting another."""
-    model = tiny_models["llama_gqa"]
-    engine = _engine_with_cache_of(model, same_size_adapters, adapters=1)
+    engine = make_engine(model, same_size_adapters, host_cache_bytes=2 * size + size // 2)
     for name in ("s0", "s1"):
         engine.ensure_adapter(name)
-    worker = engine.executor.worker
-    assert "s0" not in worker.host_cached_adapters()
-    reads = AdapterReads(monkeypatch, WAIT)
-    reads.hold("s0")
-    worker.execute(Step(prefetch_adapters=["s0"]))
-    assert reads.entered["s0"].wait(WAIT)
-    pages = list(range(engine.registry.entries["s0"].num_pages))
-    loader = threading.Thread(target=worker.execute, args=(Step(load_adapters={"s0": pages}),))
-    loader.start()
-    time.sleep(0.2)  # let the load reach the in-flight read (either order must give one read)
-    reads.held["s0"].set()
-    loader.join(WAIT)
-    assert not loader.is_alive()
-    assert reads.count("s0") == 1
-    assert worker.adapter_pages["s0"] == pages
-    packed = worker.cache.get("s0").packed
-    assert torch.equal(worker.pool.pages[:, pages], packed)
-    engine.shutdown()
-
-
-def test_prefetch_is_bounded(tiny_models, same_size_adapters, monkeypatch):
-    """At most MAX_PREFETCH reads in flight, and never more adapters than the host cache holds."""
-    model = tiny_models["llama_gqa"]
-    engine = _engine_with_cache_of(model, same_size_adapters, adapters=2)
-    names = ["s0", "s1", "s2", "s3"]
-    for name in names:
-        engine.ensure_adapter(name)
-    worker = engine.executor.worker
-    for name in names:
-        worker.cache.remove(name)  # nothing cached
-    reads = AdapterReads(monkeypatch, WAIT)
-    for name in names:
-        reads.hold(name)
-    worker.execute(Step(prefetch_adapters=names))
-    assert set(worker._prefetching) == {"s0", "s1"} and worker_module.MAX_PREFETCH == 2
-    worker.execute(Step(prefetch_adapters=names))  # the same hint again starts nothing new
-    assert set(worker._prefetching) == {"s0", "s1"}
-    for name in names:
-        reads.held[name].set()
-    _wait_until(lambda: not worker._prefetching, "the prefetches")
-    assert sorted(worker.host_cached_adapters()) == ["s0", "s1"]
-    worker.execute(Step(prefetch_adapters=names))  # s0 and s1 fill the cache: s2 and s3 are not read
-    assert not worker._prefetching
-    assert [n for n, _ in reads.calls] == ["s0", "s1"]
-    engine.shutdown()
-
-
-def test_prefetch_of_a_forgotten_adapter_is_dropped(tiny_models, same_size_adapters, monkeypatch):
-    model = tiny_models["llama_gqa"]
-    engine = _engine_with_cache_of(model, same_size_adapters, adapters=2)
-    engine.ensure_adapter("s0")
-    worker = engine.executor.worker
-    worker.cache.remove("s0")
-    reads = AdapterReads(monkeypatch, WAIT)
-    reads.hold("s0")
-    worker.execute(Step(prefetch_adapters=["s0"]))
-    assert reads.entered["s0"].wait(WAIT)
-    worker.forget_adapter("s0")
-    reads.held["s0"].set()
-    _wait_until(lambda: not worker._prefetching, "the prefetch")
-    assert worker.host_cached_adapters() == []
-    engine.shutdown()
-
-
-def test_failed_prefetch_is_not_retried_and_the_load_reports_it(tiny_models, same_size_adapters, monkeypatch):
-    """A folder that can no longer be read: the hint does not re-read it every step, and the step that
-    loads it raises the adapter's error, as loading without a prefetch does."""
-    model = tiny_models["llama_gqa"]
-    engine = _engine_with_cache_of(model, same_size_adapters, adapters=2)
-    engine.ensure_adapter("s0")
-    worker = engine.executor.worker
-    worker.cache.remove("s0")
-    tries = []
-
-    def gone(name, *args, **kw):
-        tries.append(threading.current_thread().name)
-        raise AdapterError(name, "adapter_model.safetensors is missing")
-
-    monkeypatch.setattr(worker_module, "read_adapter", gone)
-    worker.execute(Step(prefetch_adapters=["s0"]))
-    _wait_until(lambda: not worker._prefetching, "the prefetch")
-    worker.execute(Step(prefetch_adapters=["s0"]))
-    assert not worker._prefetching and len(tries) == 1
-    with pytest.raises(AdapterError, match="adapter 's0': adapter_model.safetensors is missing"):
-        worker.execute(Step(load_adapters={"s0": list(range(engine.registry.entries["s0"].num_pages))}))
-    assert len(tries) == 2 and tries[1] == threading.current_thread().name
+    seq = add(engine, Request("a", [5, 6, 7], 3, "s0", ignore_eos=True))  # s0 is in use, and recently used
+    engine.step()
+    engine.ensure_adapter("s2")
+    states = {n: e.state for n, e in engine.adapters.entries.items()}
+    assert states == {"s0": AdapterState.HOST_READY, "s1": AdapterState.DISK, "s2": AdapterState.HOST_READY}
+    while engine.has_work():
+        engine.step()
+    assert sorted(engine.executor.worker.host_adapters()) == ["s0", "s2"]
+    assert seq.output_ids == peft_greedy(model, same_size_adapters / "s0", [5, 6, 7], 3)
+    assert generate(engine, [("s1", [5, 6, 7], 3)]) == [peft_greedy(model, same_size_adapters / "s1", [5, 6, 7], 3)]
+    assert engine.adapters.host_bytes <= 2 * size + size // 2
     engine.shutdown()
