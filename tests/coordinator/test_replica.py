@@ -135,7 +135,7 @@ def test_snapshot_agrees_with_the_replica(replica, ops):
 
 @contextlib.asynccontextmanager
 async def served(model, root, **engine):
-    server = LoraFleetServer(ServerConfig(EngineConfig(str(model), str(root), pool_bytes=4 * 2**20, **engine),
+    server = LoraFleetServer(ServerConfig(EngineConfig(str(model), str(root), pool_bytes=4 * 2**20, **{"dtype": "float32", **engine}),
                                           port=0, metrics_port=0, shutdown_grace=1.0))
     await server.start()
     try:

@@ -165,7 +165,7 @@ def live_actors() -> list[str]:
 def serve_and_check(address, node_names, model_and_reference, *args: str) -> list[list[str]]:
     model, adapters, requests, reference = model_and_reference
     server = ServerProcess("--model", str(model), "--adapters", str(adapters), "--ray-address", address,
-                           "--pool-bytes", "16MiB", *args, start_timeout=240)
+                           "--pool-bytes", "16MiB", "--dtype", "float32", *args, start_timeout=240)
     try:
         placed = placement(node_names)
         with Client(server.target, timeout=120) as client:

@@ -23,7 +23,7 @@ def server(ft_model, tmp_path_factory):
     (tmp / "adapters").mkdir()
     (tmp / "token").write_text(TOKEN + "\n")
     srv = ServerProcess("--model", str(ft_model), "--adapters", str(tmp / "adapters"), "--pool-bytes", "4MiB",
-                        "--admin-token-file", str(tmp / "token"))
+                        "--admin-token-file", str(tmp / "token"), "--dtype", "float32")
     srv.tmp, srv.model = tmp, ft_model
     yield srv
     assert srv.stop() == 0
