@@ -2,7 +2,8 @@
 serving code has no branch for them.
 
 - SeparatePoolsPlan: S-LoRA's "no-unify-mem" ablation: the last `adapter_capacity` pages serve
-  adapters only and the rest KV only (pass `page_plan=separate_pools(fraction)` to Engine).
+  adapters only and the rest KV only (pass `page_plan=separate_pools(fraction)` to Engine, or run
+  `python bench/ablations.py --separate-pools FRACTION serve ARGS...`: `lorafleet serve` with it).
 - unfused_row_output: the row-parallel LoRA deltas all-gathered on their own after the base
   all-reduce, instead of riding in it (`Engine(cfg, unfused_executor(cfg))`).
 """
@@ -83,3 +84,21 @@ def unfused_executor(cfg):
 
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the Ray actors need not import bench/
     return make_executor(dataclasses.replace(cfg.worker_config(), row_output=unfused_row_output), cfg.tp, cfg.ray_address)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lorafleet` with the separate-pools ablation injected: --separate-pools FRACTION, then its arguments."""
+    import argparse
+
+    from lorafleet.coordinator import cli
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--separate-pools", type=float, required=True, metavar="FRACTION",
+                   help="this fraction of each pool holds adapters only")
+    p.add_argument("lorafleet_args", nargs=argparse.REMAINDER, help="the `lorafleet` command line, e.g. serve --model DIR")
+    args = p.parse_args(argv)
+    return cli.main(args.lorafleet_args, page_plan=separate_pools(args.separate_pools))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

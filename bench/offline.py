@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import hashlib
 import json
 import os
 import pstats
@@ -34,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,15 +40,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from adapter_sets import TARGET_SETS, AdapterSet  # noqa: E402  (bench/ is this script's folder)
+from peft_baseline import DTYPES, PeftAdapters, load_base  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "cache" / "smollm2-135m-instruct"
-TARGETS = {
-    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 RANKS = (8, 16)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -149,61 +144,14 @@ class Stopwatch:
 # ---------------------------------------------------------------- workload
 
 
-def hf_base(cfg: BenchConfig):
-    """The base model through transformers, in eval mode."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
-    return model.eval()
-
-
-def adapter_ranks(cfg: BenchConfig) -> list[int]:
-    rng = random.Random(cfg.seed)
-    return [rng.choice(RANKS) for _ in range(cfg.adapters)]
-
-
-def adapters_dir(cfg: BenchConfig) -> Path:
-    """A cache folder keyed by the model's config and the adapters' recipe."""
-    config = (Path(cfg.model) / "config.json").read_bytes()
-    key = hashlib.sha256(config + f"{cfg.targets}|{RANKS}|{cfg.seed}".encode()).hexdigest()[:10]
-    return Path(cfg.workdir) / f"adapters-{Path(cfg.model).name}-{cfg.targets}-{key}"
-
-
-def adapter_name(i: int) -> str:
-    return f"adapter-{i:03d}"
-
-
-def make_adapters(cfg: BenchConfig) -> Path:
-    """Makes the PEFT adapters that are not in the cache folder yet; returns the folder."""
-    from peft import LoraConfig, get_peft_model
-
-    root = adapters_dir(cfg)
-    ranks = adapter_ranks(cfg)
-    missing = [i for i in range(cfg.adapters) if not (root / adapter_name(i) / "adapter_model.safetensors").is_file()]
-    if not missing:
-        return root
-    print(f"making {len(missing)} PEFT adapters in {root}", file=sys.stderr)
-    root.mkdir(parents=True, exist_ok=True)
-    base = hf_base(cfg)
-    for i in missing:
-        torch.manual_seed(cfg.seed * 100_003 + i)
-        lora = LoraConfig(r=ranks[i], lora_alpha=2 * ranks[i], target_modules=TARGETS[cfg.targets],
-                          init_lora_weights=False, task_type="CAUSAL_LM")
-        model = get_peft_model(base, lora)
-        tmp = Path(tempfile.mkdtemp(dir=root))
-        model.save_pretrained(tmp)
-        tmp.rename(root / adapter_name(i))
-        base = model.unload()
-    return root
+def adapter_set(cfg: BenchConfig) -> AdapterSet:
+    return AdapterSet(cfg.model, TARGET_SETS[cfg.targets], RANKS, cfg.seed)
 
 
 def make_requests(cfg: BenchConfig, vocab_size: int) -> list[dict]:
     """`lorafleet run` input lines: a seeded draw of adapters, prompts and output lengths."""
     rng = random.Random(cfg.seed + 1)
-    names = [adapter_name(i) for i in range(cfg.adapters)]
+    names = [AdapterSet.name(i) for i in range(cfg.adapters)]
     if cfg.distribution == "power":
         weights = [(i + 1) ** -cfg.alpha for i in range(cfg.adapters)]
     else:
@@ -318,22 +266,6 @@ def run_lorafleet(cfg: BenchConfig, adapters: Path, requests: list[dict], profil
 # ---------------------------------------------------------------- PEFT
 
 
-def peft_generate(model, batch: list[dict], pad_id: int) -> list[list[int]]:
-    """Greedy, left padded, to the batch's longest output; each request's own tokens back."""
-    width = max(len(r["prompt_token_ids"]) for r in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, r in enumerate(batch):
-        n = len(r["prompt_token_ids"])
-        ids[row, width - n:] = torch.tensor(r["prompt_token_ids"])
-        mask[row, width - n:] = 1
-    steps = max(r["max_new_tokens"] for r in batch)
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-                             eos_token_id=None, pad_token_id=pad_id)  # None: eos does not stop a row
-    return [out[row, width:width + r["max_new_tokens"]].tolist() for row, r in enumerate(batch)]
-
-
 def grouped_by_adapter(requests: list[dict]) -> dict[str, list[dict]]:
     """Requests per adapter, adapters in order of first arrival."""
     groups: dict[str, list[dict]] = {}
@@ -348,56 +280,27 @@ def peft_batches(requests: list[dict], size: int) -> list[list[dict]]:
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-class PeftServer:
-    """A base model wrapped by PEFT that holds one adapter at a time."""
-
-    def __init__(self, base, adapters: Path):
-        self.base, self.adapters = base, adapters
-        self.model = None
-        self.active: str | None = None
-        self.swap_seconds = 0.0
-        self.pad_id = base.config.pad_token_id if base.config.pad_token_id is not None else 0
-
-    def activate(self, name: str) -> None:
-        """load_adapter + set_adapter, and delete the one before so memory does not grow."""
-        from peft import PeftModel
-
-        if name == self.active:
-            return
-        start = time.perf_counter()
-        path = str(self.adapters / name)
-        if self.model is None:
-            self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
-        else:
-            self.model.load_adapter(path, adapter_name=name)
-            self.model.set_adapter(name)
-            self.model.delete_adapter(self.active)
-        self.active = name
-        self.swap_seconds += time.perf_counter() - start
-
-    def generate(self, batch: list[dict]) -> list[list[int]]:
-        return peft_generate(self.model, batch, self.pad_id)
+def peft_generate(peft: PeftAdapters, adapter: str | None, batch: list[dict]) -> list[list[int]]:
+    return peft.generate(adapter, [r["prompt_token_ids"] for r in batch], [r["max_new_tokens"] for r in batch])
 
 
-def run_peft(cfg: BenchConfig, server: PeftServer, requests: list[dict]) -> Run:
+def run_peft(cfg: BenchConfig, peft: PeftAdapters, requests: list[dict]) -> Run:
+    """Adapter by adapter in order of first arrival; each one's requests in batches of similar length."""
     outputs = {}
+    swapped = peft.stats["swap_s"]
     with Stopwatch() as watch:
         for name, group in grouped_by_adapter(requests).items():
-            server.activate(name)
             for batch in peft_batches(group, cfg.peft_batch):
-                for r, tokens in zip(batch, server.generate(batch)):
+                for r, tokens in zip(batch, peft_generate(peft, name, batch)):
                     outputs[r["id"]] = tokens
     return Run("HF PEFT", len(requests), requested_tokens(requests), watch.seconds, watch.cpu_seconds, watch.others,
-               server.swap_seconds, outputs)
+               peft.stats["swap_s"] - swapped, outputs)
 
 
-def spot_check(server: PeftServer, requests: list[dict], lorafleet: Run, count: int) -> dict:
+def spot_check(peft: PeftAdapters, requests: list[dict], lorafleet: Run, count: int) -> dict:
     """PEFT one request at a time, no padding, against lorafleet's greedy tokens."""
     picked = requests[:count]
-    agree = []
-    for r in picked:
-        server.activate(r["adapter"])
-        agree.append(server.generate([r])[0] == lorafleet.outputs[r["id"]])
+    agree = [peft_generate(peft, r["adapter"], [r])[0] == lorafleet.outputs[r["id"]] for r in picked]
     return {"requests": len(picked), "agree": sum(agree),
             "disagree_ids": [r["id"] for r, ok in zip(picked, agree) if not ok]}
 
@@ -414,12 +317,10 @@ def agreement(a: Run, b: Run) -> dict:
 
 
 def run_peft_side(cfg: BenchConfig, adapters: Path, requests: list[dict], lorafleet: Run) -> tuple[Run, dict]:
-    base = hf_base(cfg)
-    server = PeftServer(base, adapters)
-    warm = requests[0]
-    peft_generate(base, [{**warm, "max_new_tokens": 2}], server.pad_id)
-    run = run_peft(cfg, server, requests)
-    checks = {"batched": agreement(lorafleet, run), "unbatched": spot_check(server, requests, lorafleet, cfg.check)}
+    peft = PeftAdapters(load_base(cfg.model, cfg.dtype), adapters, max_loaded=1)
+    peft_generate(peft, None, [{**requests[0], "max_new_tokens": 2}])  # warm-up
+    run = run_peft(cfg, peft, requests)
+    checks = {"batched": agreement(lorafleet, run), "unbatched": spot_check(peft, requests, lorafleet, cfg.check)}
     return run, checks
 
 
@@ -484,7 +385,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]
                    help="where adapters (re-used) and request files go")
     p.add_argument("--adapters", type=int, default=64, help="number of adapters made and drawn from")
     p.add_argument("--requests", type=int, default=128)
-    p.add_argument("--targets", choices=sorted(TARGETS), default="attn", help="q/k/v/o, or all seven projections")
+    p.add_argument("--targets", choices=sorted(TARGET_SETS), default="attn", help="q/k/v/o, or all seven projections")
     p.add_argument("--distribution", choices=["uniform", "power"], default="uniform",
                    help="how requests pick adapters; power: weight (i + 1) ** -alpha")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent")
@@ -527,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    adapters = make_adapters(cfg)
+    adapters = adapter_set(cfg).make(cfg.workdir, cfg.adapters)
     requests = make_requests(cfg, vocab_size(cfg.model))
     write_jsonl(Path(cfg.workdir) / "requests.jsonl", requests)
     print(f"lorafleet: {len(requests)} requests ...", file=sys.stderr)

@@ -34,10 +34,8 @@ import os
 import signal
 import sys
 import threading
-import time
 import uuid
-import warnings
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,14 +43,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import grpc  # noqa: E402
-import torch  # noqa: E402
+from peft_baseline import DTYPES, PeftAdapters, load_base  # noqa: E402  (bench/ is this script's folder)
 
+from lorafleet.coordinator.request import InvalidRequest, RequestParser, fields_from_proto  # noqa: E402
+from lorafleet.coordinator.tokenizer import Tokenizer  # noqa: E402
 from lorafleet.v1 import lorafleet_pb2 as pb  # noqa: E402
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc  # noqa: E402
 
 log = logging.getLogger("peft_server")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MAX_NEW_TOKENS = 16  # as lorafleet
 
 
 @dataclass(frozen=True)
@@ -101,93 +99,17 @@ class Pending:
 # ---------------------------------------------------------------- the model side (blocking, one thread)
 
 
-class _StopWhen:
-    """A generate stopping criterion: every row stops once `should_stop()` is true."""
-
-    def __init__(self, should_stop):
-        self.should_stop = should_stop
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool)
-
-
 class PeftRunner:
-    """The base model and the PEFT adapters loaded into it; `run` generates one batch."""
+    """The shared PEFT baseline (peft_baseline.py), with a flag that cuts the running batch short."""
 
     def __init__(self, cfg: PeftServerConfig):
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        self.cfg = cfg
-        self.base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype]).eval()
-        self.model = None  # the PeftModel, once the first adapter is loaded
-        self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self.peft = PeftAdapters(load_base(cfg.model, cfg.dtype), cfg.adapters, cfg.max_loaded)
         self.stopping = threading.Event()
-        config = self.base.config
-        self.vocab_size = config.vocab_size
-        self.max_len = config.max_position_embeddings
-        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-        eos = self.base.generation_config.eos_token_id
-        self.eos_ids = frozenset(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
-        self.stats = {"batches": 0, "requests": 0, "adapter_loads": 0, "swap_s": 0.0, "generate_s": 0.0}
-
-    def activate(self, name: str) -> None:
-        """load_adapter (when not loaded) + set_adapter; deletes the least recently used beyond max_loaded."""
-        from peft import PeftModel
-
-        path = str(Path(self.cfg.adapters) / name)
-        if self.model is None:
-            self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
-            self.stats["adapter_loads"] += 1
-        elif name not in self.loaded:
-            self.model.load_adapter(path, adapter_name=name)
-            self.stats["adapter_loads"] += 1
-        self.model.set_adapter(name)
-        self.loaded[name] = None
-        self.loaded.move_to_end(name)
-        while len(self.loaded) > self.cfg.max_loaded:
-            old = next(iter(self.loaded))
-            self.model.delete_adapter(old)
-            del self.loaded[old]
 
     def run(self, adapter: str | None, batch: list[Pending]) -> list[list[int]]:
         """Greedy tokens of each request (its own max_new_tokens), the batch generated together."""
-        started = time.perf_counter()
-        if adapter is not None:
-            self.activate(adapter)
-        activated = time.perf_counter()
-        outputs = self._generate_with(adapter, batch)
-        self.stats["swap_s"] += activated - started
-        self.stats["generate_s"] += time.perf_counter() - activated
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(batch)
-        return outputs
-
-    def _generate_with(self, adapter: str | None, batch: list[Pending]) -> list[list[int]]:
-        if adapter is not None:
-            return self._generate(self.model, batch)
-        if self.model is None:
-            return self._generate(self.base, batch)
-        with self.model.disable_adapter():
-            return self._generate(self.model, batch)
-
-    def _generate(self, model, batch: list[Pending]) -> list[list[int]]:
-        width = max(len(p.prompt_ids) for p in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, p in enumerate(batch):
-            ids[row, width - len(p.prompt_ids):] = torch.tensor(p.prompt_ids)
-            mask[row, width - len(p.prompt_ids):] = 1
-        steps = max(p.max_new_tokens for p in batch)
-        stop = _StopWhen(lambda: self.stopping.is_set() or all(p.cancelled for p in batch))
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-                                 eos_token_id=None, pad_token_id=self.pad_id,  # None: eos does not stop a row
-                                 stopping_criteria=[stop])
-        return [out[row, width:width + p.max_new_tokens].tolist() for row, p in enumerate(batch)]
+        return self.peft.generate(adapter, [p.prompt_ids for p in batch], [p.max_new_tokens for p in batch],
+                                  should_stop=lambda: self.stopping.is_set() or all(p.cancelled for p in batch))
 
 
 def cut_at_stop(tokens: list[int], p: Pending) -> tuple[list[int], str]:
@@ -252,6 +174,7 @@ class BatchLoop:
 class PeftService(pb_grpc.LoraFleetServicer):
     def __init__(self, cfg: PeftServerConfig, runner: PeftRunner, loop: BatchLoop, tokenizer):
         self.cfg, self.runner, self.loop, self.tokenizer = cfg, runner, loop, tokenizer
+        self.parser = RequestParser(tokenizer, runner.peft.vocab_size)
         self.draining = False
 
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -276,48 +199,28 @@ class PeftService(pb_grpc.LoraFleetServicer):
         yield message
 
     def _parse(self, r: pb.GenerateRequest, request_id: str) -> Pending:
+        """lorafleet's request model, then what the baseline cannot do."""
         invalid = grpc.StatusCode.INVALID_ARGUMENT
         if self.draining:
             raise BadRequest(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         if len(self.loop.waiting) >= self.cfg.max_queue:
             raise BadRequest(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({self.cfg.max_queue}); retry later")
-        adapter = r.adapter_id or None
-        if adapter is not None and not self._adapter_exists(adapter):
-            raise BadRequest(grpc.StatusCode.NOT_FOUND, f"adapter {adapter!r}: no such folder with adapter_config.json "
+        try:
+            req = self.parser.parse(fields_from_proto(r, request_id))
+        except InvalidRequest as e:
+            raise BadRequest(invalid, str(e)) from e
+        if req.adapter is not None and not (Path(self.cfg.adapters) / req.adapter / "adapter_config.json").is_file():
+            raise BadRequest(grpc.StatusCode.NOT_FOUND, f"adapter {req.adapter!r}: no such folder with adapter_config.json "
                                                         f"in {self.cfg.adapters}")
-        if r.temperature != 0 or r.stop:
+        if req.sampling.temperature != 0 or req.stop:
             raise BadRequest(invalid, "the PEFT baseline decodes greedily only (temperature 0, no stop strings)")
-        prompt_ids = self._prompt_ids(r)
-        if not prompt_ids:
-            raise BadRequest(invalid, "the prompt is empty")
-        if any(not 0 <= t < self.runner.vocab_size for t in list(prompt_ids) + list(r.stop_token_ids)):
-            raise BadRequest(invalid, f"token ids must lie in [0, {self.runner.vocab_size})")
-        max_new = r.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        if len(prompt_ids) + max_new > self.runner.max_len:
-            raise BadRequest(invalid, f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new}) exceeds the model's "
-                                      f"context of {self.runner.max_len} tokens")
-        stop_ids = frozenset(r.stop_token_ids) | (frozenset() if r.ignore_eos else self.runner.eos_ids)
+        peft = self.runner.peft
+        if len(req.prompt_ids) + req.max_new_tokens > peft.max_len:
+            raise BadRequest(invalid, f"prompt ({len(req.prompt_ids)}) + max_new_tokens ({req.max_new_tokens}) exceeds "
+                                      f"the model's context of {peft.max_len} tokens")
+        stop_ids = frozenset(req.stop_token_ids) | (frozenset() if req.ignore_eos else peft.eos_ids)
         done = asyncio.get_running_loop().create_future()
-        return Pending(adapter, prompt_ids, max_new, stop_ids, request_id, done)
-
-    def _adapter_exists(self, name: str) -> bool:
-        if "/" in name or "\\" in name or name in (".", ".."):
-            return False
-        return (Path(self.cfg.adapters) / name / "adapter_config.json").is_file()
-
-    def _prompt_ids(self, r: pb.GenerateRequest) -> list[int]:
-        given = [f for f, present in (("prompt", bool(r.prompt)), ("prompt_token_ids", len(r.prompt_token_ids) > 0),
-                                      ("messages", len(r.messages) > 0)) if present]
-        if len(given) != 1:
-            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, "give exactly one of prompt, prompt_token_ids or messages")
-        if given[0] == "prompt_token_ids":
-            return list(r.prompt_token_ids)
-        if self.tokenizer is None:
-            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, "text prompts need a tokenizer in the model folder")
-        if given[0] == "prompt":
-            return self.tokenizer.encode(r.prompt)
-        chat = [{"role": m.role, "content": m.content} for m in r.messages]
-        return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return Pending(req.adapter, req.prompt_ids, req.max_new_tokens, stop_ids, request_id, done)
 
     async def GetServerInfo(self, request, context):
         import peft
@@ -325,16 +228,12 @@ class PeftService(pb_grpc.LoraFleetServicer):
 
         return pb.ServerInfo(
             model=Path(self.cfg.model).name, dtype=self.cfg.dtype, tp=1, replicas=1,
-            max_model_len=self.runner.max_len, max_num_seqs=self.cfg.batch, vocab_size=self.runner.vocab_size,
+            max_model_len=self.runner.peft.max_len, max_num_seqs=self.cfg.batch, vocab_size=self.runner.peft.vocab_size,
             version=f"peft-baseline (transformers {transformers.__version__}, peft {peft.__version__})")
 
 
-def load_tokenizer(model_dir: str):
-    if not (Path(model_dir) / "tokenizer.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
+def load_tokenizer(model_dir: str) -> Tokenizer | None:
+    return Tokenizer(model_dir) if Tokenizer.exists(model_dir) else None
 
 
 async def serve(cfg: PeftServerConfig) -> None:
@@ -363,7 +262,7 @@ async def serve(cfg: PeftServerConfig) -> None:
         await server.stop(cfg.shutdown_grace)
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)
-        print(json.dumps({"event": "stopped", **runner.stats}), flush=True)
+        print(json.dumps({"event": "stopped", **runner.peft.stats}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

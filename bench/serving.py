@@ -9,7 +9,7 @@ every system and every number of adapters n.
 |---|---|
 | lorafleet, n in {1, 10, 100, 1000} | `lorafleet serve` with the adapters folder; one unified page pool |
 | lorafleet (no adapters) | `lorafleet serve` without adapters, every request base-only: the ceiling |
-| lorafleet (separate pools) | `--separate-adapter-pool F`, same pool bytes: S-LoRA's no-unify-mem ablation |
+| lorafleet (separate pools) | `bench/ablations.py --separate-pools F serve ...`, same pool bytes: S-LoRA's no-unify-mem ablation |
 | HF PEFT, n in {1, 10, 100, 1000} | `bench/peft_server.py`: requests grouped by adapter, adapters swapped between batches |
 
 Each phase starts a fresh server, sends one short warm-up request, runs one load test
@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
-import hashlib
 import json
 import math
 import os
 import re
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,13 +41,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from adapter_sets import TARGET_SETS, AdapterSet  # bench/ is this script's folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+TARGETS = TARGET_SETS["attn"]
 RANKS = (8, 16)
 PEFT_MADE = 4  # adapters made by peft itself; the rest copy their tensor names and shapes
 CHECK_ADAPTERS = 4  # lorafleet's and PEFT's greedy answers are compared on one request with each of these
@@ -72,6 +70,7 @@ class BenchConfig:
     workdir: str
     out: str
     adapter_counts: tuple[int, ...] = (1, 10, 100, 1000)
+    systems: tuple[str, ...] = ("lorafleet", "ceiling", "peft", "separate")  # which servers run
     separate_counts: tuple[int, ...] = (100, 1000)  # n for the separate-pools ablation
     rate: float = 10.0  # mean arrivals per second: above what any system here serves on CPU (about 6 at most)
     duration: float = 90.0  # each load test: no request sent, and outstanding ones cancelled, after this
@@ -121,107 +120,8 @@ class BenchConfig:
 # ---------------------------------------------------------------- adapters
 
 
-def adapter_name(i: int) -> str:
-    return f"adapter-{i:04d}"
-
-
-def adapter_rank(i: int) -> int:
-    return RANKS[i % len(RANKS)]
-
-
-def adapters_dir(cfg: BenchConfig) -> Path:
-    """The cache folder, keyed by the model's config and the adapters' recipe."""
-    recipe = f"{TARGETS}|{RANKS}|{B_STD}|{PEFT_MADE}|{cfg.seed}".encode()
-    key = hashlib.sha256((Path(cfg.model) / "config.json").read_bytes() + recipe).hexdigest()[:10]
-    return Path(cfg.workdir) / f"adapters-{Path(cfg.model).name}-{key}"
-
-
-def make_adapters(cfg: BenchConfig, count: int) -> Path:
-    """Adapters 0 .. count-1 in PEFT's format (the ones missing from the cache folder); returns the folder.
-
-    The first PEFT_MADE are made by peft (`init_lora_weights=False`, B scaled down); the
-    others hold seeded random tensors under the same names and shapes, written with
-    safetensors next to a copy of the same-rank adapter_config.json.
-    """
-    root = adapters_dir(cfg)
-    missing = [i for i in range(count) if not (root / adapter_name(i) / "adapter_model.safetensors").is_file()]
-    if not missing:
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    log(f"making {len(missing)} adapters in {root}")
-    made_by_peft = [i for i in missing if i < PEFT_MADE]
-    if made_by_peft:
-        make_peft_adapters(cfg, root, made_by_peft)
-    templates = {adapter_rank(i): root / adapter_name(i) for i in range(min(PEFT_MADE, len(RANKS)))}
-    for i in missing:
-        if i >= PEFT_MADE:
-            write_random_adapter(root / adapter_name(i), templates[adapter_rank(i)], cfg.seed * 1_000_003 + i)
-    log(f"made {len(missing)} adapters in {time.monotonic() - started:.0f} s")
-    return root
-
-
-def make_peft_adapters(cfg: BenchConfig, root: Path, indices: list[int]) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-    for i in indices:
-        torch.manual_seed(cfg.seed * 1_000_003 + i)
-        r = adapter_rank(i)
-        lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS), lora_dropout=0.0,
-                          init_lora_weights=False, task_type="CAUSAL_LM")
-        model = get_peft_model(base, lora)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if ".lora_B." in name:
-                    param.normal_(0.0, B_STD)
-        save_atomically(root / adapter_name(i), model.save_pretrained)
-        base = model.unload()
-
-
-@functools.lru_cache(maxsize=None)
-def tensor_specs(template: Path) -> tuple[tuple[str, tuple[int, ...], object], ...]:
-    """(name, shape, dtype) of each tensor of a PEFT adapter's safetensors file."""
-    from safetensors import safe_open
-
-    with safe_open(template / "adapter_model.safetensors", framework="pt") as f:
-        return tuple((key, tuple(f.get_slice(key).get_shape()), f.get_tensor(key).dtype) for key in f.keys())
-
-
-def write_random_adapter(folder: Path, template: Path, seed: int) -> None:
-    """Same tensor names, shapes and dtypes as `template`: A uniform as peft's kaiming init, B ~ N(0, B_STD)."""
-    import torch
-    from safetensors.torch import save_file
-
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for key, shape, dtype in tensor_specs(template):
-        tensor = torch.empty(shape, dtype=dtype)
-        if ".lora_A." in key:
-            bound = 1.0 / math.sqrt(shape[1])
-            tensors[key] = tensor.uniform_(-bound, bound, generator=generator)
-        else:
-            tensors[key] = tensor.normal_(0.0, B_STD, generator=generator)
-
-    def save(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(template / "adapter_config.json", tmp / "adapter_config.json")
-
-    save_atomically(folder, save)
-
-
-def save_atomically(folder: Path, save) -> None:
-    """save(tmp) into a temporary folder beside `folder`, then renamed: no half-written adapter survives."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+def adapter_set(cfg: BenchConfig) -> AdapterSet:
+    return AdapterSet(cfg.model, TARGETS, RANKS, cfg.seed, B_STD, PEFT_MADE)
 
 
 # ---------------------------------------------------------------- machine
@@ -339,12 +239,13 @@ class ChildServer:
 
 
 def lorafleet_cmd(cfg: BenchConfig, adapters: Path | None, separate: bool) -> list[str]:
-    cmd = [str(BIN / "lorafleet"), "serve", "--model", cfg.model, "--host", "127.0.0.1", "--port", "0",
-           "--metrics-port", "0", "--pool-bytes", cfg.pool_bytes, "--max-num-seqs", str(cfg.max_num_seqs)]
+    """`lorafleet serve`, or the same through bench/ablations.py with separate pools injected."""
+    ablation = [sys.executable, str(REPO / "bench" / "ablations.py"), "--separate-pools", str(cfg.separate_fraction)]
+    cmd = (ablation if separate else [str(BIN / "lorafleet")]) + [
+        "serve", "--model", cfg.model, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+        "--pool-bytes", cfg.pool_bytes, "--max-num-seqs", str(cfg.max_num_seqs)]
     if adapters is not None:
         cmd += ["--adapters", str(adapters)]
-    if separate:
-        cmd += ["--separate-adapter-pool", str(cfg.separate_fraction)]
     return cmd
 
 
@@ -425,8 +326,10 @@ def plan_phases(cfg: BenchConfig) -> list[Phase]:
     """The phases, most important first (the figures of the issue's targets), so a tight budget skips the rest;
     the two sides of a ratio run one after the other where they can, so that other jobs on the machine skew
     them alike."""
-    wanted = [(CEILING, 0)] + [(LORAFLEET, n) for n in cfg.adapter_counts] + [(PEFT, n) for n in cfg.adapter_counts] \
-        + [(SEPARATE, n) for n in cfg.separate_counts]
+    run = set(cfg.systems)
+    wanted = [(CEILING, 0)] * ("ceiling" in run) + [(LORAFLEET, n) for n in cfg.adapter_counts if "lorafleet" in run] \
+        + [(PEFT, n) for n in cfg.adapter_counts if "peft" in run] \
+        + [(SEPARATE, n) for n in cfg.separate_counts if "separate" in run]
     first = [(CEILING, 0), (LORAFLEET, 10), (LORAFLEET, 100), (PEFT, 100), (SEPARATE, 100), (LORAFLEET, 1000),
              (SEPARATE, 1000)]
     ordered = [sn for sn in first if sn in wanted] + [sn for sn in wanted if sn not in first]
@@ -436,7 +339,7 @@ def plan_phases(cfg: BenchConfig) -> list[Phase]:
 def workload(cfg: BenchConfig, n: int):
     from lorafleet.client.workload import SyntheticWorkload
 
-    return SyntheticWorkload(adapters=tuple(adapter_name(i) for i in range(n)), alpha=cfg.alpha, rate=cfg.rate,
+    return SyntheticWorkload(adapters=tuple(AdapterSet.name(i) for i in range(n)), alpha=cfg.alpha, rate=cfg.rate,
                              cv=cfg.cv, input_range=cfg.input_range, output_range=cfg.output_range, seed=cfg.seed)
 
 
@@ -452,7 +355,7 @@ async def warm_up(target: str) -> None:
 def check_requests(cfg: BenchConfig) -> list[dict]:
     """One greedy request with each of the first CHECK_ADAPTERS adapters, for the agreement check."""
     rng = np.random.default_rng(cfg.seed + 1)
-    return [{"adapter": adapter_name(i), "prompt_token_ids": rng.integers(100, 10_000, 24).tolist(),
+    return [{"adapter": AdapterSet.name(i), "prompt_token_ids": rng.integers(100, 10_000, 24).tolist(),
              "max_new_tokens": 16, "ignore_eos": True} for i in range(CHECK_ADAPTERS)]
 
 
@@ -485,7 +388,7 @@ def read_adapter_files(adapters: Path, n: int) -> float:
     """
     started = time.monotonic()
     for i in range(n):
-        with open(adapters / adapter_name(i) / "adapter_model.safetensors", "rb") as f:
+        with open(adapters / AdapterSet.name(i) / "adapter_model.safetensors", "rb") as f:
             while f.read(1 << 24):
                 pass
     return round(time.monotonic() - started, 2)
@@ -659,7 +562,7 @@ def markdown(cfg: BenchConfig, phases: list[Phase], ratio_rows: list[dict], meta
         f"tokens, outputs {cfg.output_range[0]}-{cfg.output_range[1]} tokens (ignore_eos), greedy; each load test "
         f"stops after {cfg.duration:g} s (requests still running are cancelled; their tokens so far count).",
         f"lorafleet: `--pool-bytes {cfg.pool_bytes} --max-num-seqs {cfg.max_num_seqs}`; separate pools: "
-        f"`--separate-adapter-pool {cfg.separate_fraction:g}` of the same pool. HF PEFT: batches of up to "
+        f"`bench/ablations.py --separate-pools {cfg.separate_fraction:g}` of the same pool. HF PEFT: batches of up to "
         f"{cfg.max_num_seqs} requests of one adapter, at most {cfg.peft_max_loaded} adapters loaded.",
         "",
     ]
@@ -775,6 +678,14 @@ def counts(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: write numbers separated by commas, e.g. 1,10,100") from None
 
 
+def systems(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = set(names) - set(BenchConfig.__dataclass_fields__["systems"].default)
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from lorafleet, ceiling, peft, separate")
+    return names
+
+
 def parse_args(argv: list[str] | None) -> BenchConfig:
     from lorafleet.client.cli import token_range
 
@@ -786,6 +697,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--adapter-counts", type=counts, default=d["adapter_counts"].default, metavar="N,N,...")
     p.add_argument("--separate-counts", type=counts, default=d["separate_counts"].default, metavar="N,N,...",
                    help="n for the separate-pools ablation (empty: none)")
+    p.add_argument("--systems", type=systems, default=d["systems"].default, metavar="S,S,...",
+                   help="which servers to run: lorafleet, ceiling, peft, separate (default all)")
     p.add_argument("--rate", type=float, default=d["rate"].default, help="arrivals per second")
     p.add_argument("--duration", type=float, default=d["duration"].default, help="seconds per load test")
     p.add_argument("--cv", type=float, default=d["cv"].default, help="coefficient of variation of arrival gaps")
@@ -840,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_sigterm()
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpus": os.cpu_count(),
             "load_at_start": load_average(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    adapters = make_adapters(cfg, cfg.max_adapters)
+    adapters = adapter_set(cfg).make(cfg.workdir, cfg.max_adapters)
     meta["adapters_ready_s"] = round(time.monotonic() - started, 1)
     phases = plan_phases(cfg)
     run_phases(cfg, phases, adapters, started)

@@ -91,7 +91,7 @@ def cmd_serve(args) -> int:
         print(f"  try: {me} generate --target {info['host']}:{info['port']} --chat \"What is the capital of France?\"", file=sys.stderr)
         print(f"       {me} adapters list --target {info['host']}:{info['port']}", file=sys.stderr)
 
-    asyncio.run(serve(cfg, announce))
+    asyncio.run(serve(cfg, announce, **({"page_plan": args.page_plan} if args.page_plan else {})))
     return 0
 
 
@@ -121,7 +121,8 @@ def cmd_finetune(args) -> int:
     return run(args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, page_plan=None) -> int:
+    """page_plan: the page accounting `serve` builds (bench/ablations.py injects its variants)."""
     parser = argparse.ArgumentParser(prog="lorafleet", description="Serve one base LLM with thousands of LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ft.set_defaults(func=cmd_finetune)
 
     args = parser.parse_args(argv)
+    args.page_plan = page_plan
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

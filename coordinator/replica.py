@@ -246,9 +246,10 @@ class Replica:
         except Exception as e:  # a worker died while reading: the next step finds out too
             log.exception("replica %d: reading adapter %s failed", self.index, done.name)
             infos, error = None, f"adapter {done.name!r}: reading it failed ({describe_failure(e)})"
-        if not self.engine.finish_read(done.name, done.generation, infos, error):
-            return
+        self.engine.finish_read(done.name, done.generation, infos, error)
         entry = self.engine.adapters.get(done.name)
+        if entry is None or entry.state not in (AdapterState.HOST_READY, AdapterState.FAILED):
+            return  # a stale report: the requests wait for the read now due (unload failed them already)
         waiting, replies = self._parked.pop(done.name, []), self._loads.pop(done.name, [])
         if entry.state == AdapterState.HOST_READY:
             for key, request in waiting:

@@ -27,7 +27,8 @@ from .adapters import DiskCatalog
 from .config import EngineConfig
 from .engine import Engine
 from .messages import Code, ReplicaSnapshot
-from .metrics import Metrics, adapter_label
+from .pages import PagePlan
+from .metrics import Metrics
 from .output import OutputProcessor
 from .replica import Replica, ReplicaHandle, RequestFailed
 from .request import InvalidRequest, RequestParser, check_adapter_name, fields_from_proto
@@ -282,8 +283,9 @@ class LoraFleetServer:
     """Binds its ports, builds the replicas, serves gRPC (with health and reflection) and metrics,
     runs its background tasks under supervision, shuts down gracefully."""
 
-    def __init__(self, cfg: ServerConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: ServerConfig, page_plan=PagePlan):
+        """page_plan: builds each replica's page accounting (bench/ablations.py injects its variants)."""
+        self.cfg, self.page_plan = cfg, page_plan
         self.replicas: list[Replica] = []
         self.handles: list[ReplicaHandle] = []
         self.engines: list[Engine] = []
@@ -345,7 +347,7 @@ class LoraFleetServer:
         try:
             for _ in range(self.cfg.replicas):
                 executor = RayWorkerGroup(cfg.worker_config(), cfg.tp, cfg.ray_address, cpus_per_rank=cpus) if use_ray else None
-                self.engines.append(Engine(cfg, executor))
+                self.engines.append(Engine(cfg, executor, self.page_plan))
         except BaseException:
             self._shutdown_engines()
             raise
@@ -416,9 +418,9 @@ class LoraFleetServer:
         await self._stopped.wait()
 
 
-async def serve(cfg: ServerConfig, announce=print) -> None:
+async def serve(cfg: ServerConfig, announce=print, page_plan=PagePlan) -> None:
     """Runs until SIGINT or SIGTERM, then shuts down gracefully."""
-    server = LoraFleetServer(cfg)
+    server = LoraFleetServer(cfg, page_plan)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:

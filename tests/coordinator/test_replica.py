@@ -271,7 +271,7 @@ def test_a_failed_step_ends_streams_with_unavailable(tiny_models, root, monkeypa
                     cli.returncode, cli_err.decode())
 
     got, err, h0, h1, later, code, cli_err = run(go())
-    assert err.code() == grpc.StatusCode.UNAVAILABLE and len(got) == 5  # a prefill and 4 decodes, then the failure
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and len(got) == 6  # a prefill and 5 decodes, then the failure
     assert "replica 0 failed" in err.details() and "may be retried" in err.details()
     assert "pid" not in err.details() and "actor" not in err.details()
     assert h0 == h1 == health_pb2.HealthCheckResponse.NOT_SERVING

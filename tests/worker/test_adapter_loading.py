@@ -3,8 +3,6 @@ worker's adapter store, which reads only when the coordinator asks and never ins
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import pytest
