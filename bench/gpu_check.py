@@ -8,7 +8,7 @@
 2. engine: lorafleet's engine on CUDA against transformers + PEFT on CUDA, for a tiny random
    Llama and its adapters (tests/peers.py builds both, tests/engines.py runs the engine): float32
    must be token-for-token equal; bfloat16's agreement on the first 8 tokens is reported.
-3. offline: bench/offline.py's requests and adapters (q/k/v/o, rank 8/16) through the engine on
+3. offline: bench/offline.py's requests and adapters (bench/adapter_sets.py: q/k/v/o, rank 8/16) through the engine on
    CUDA, bfloat16, for a random ~1B-parameter Llama (TinyLlama's shape), with 0 / 8 / 64 adapters:
    output tokens per second.
 
@@ -268,7 +268,7 @@ def run_offline(args, device: str = "cuda", shape: dict = ONE_B) -> tuple[bool, 
     for count in args.adapters:
         cfg = offline.BenchConfig(model=str(model), workdir=str(work), adapters=max(count, 1), requests=args.requests,
                                   dtype="bfloat16", max_num_seqs=args.max_num_seqs)
-        adapters = offline.make_adapters(cfg) if count else None
+        adapters = offline.adapter_set(cfg).make(cfg.workdir, count) if count else None
         requests = offline.make_requests(cfg, offline.vocab_size(str(model)))
         if not count:
             requests = offline.without_adapters(requests)
