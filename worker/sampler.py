@@ -6,8 +6,6 @@ import torch
 
 from .step import SamplingParams, TokenLogprobs
 
-MAX_LOGPROBS = 20  # top candidates a request may ask for per token
-
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
     """logits: (S, vocab) float32; positions[i]: the position the new token will take.

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # top candidates a request may ask for per token
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -10,7 +12,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = all tokens
     seed: int | None = None  # the same seed gives the same tokens, whatever else is in the batch
-    logprobs: int = 0  # > 0: return the sampled token's logprob and this many top candidates (sampler.MAX_LOGPROBS)
+    logprobs: int = 0  # > 0: return the sampled token's logprob and this many top candidates (<= MAX_LOGPROBS)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lorafleet.worker.sampler import MAX_LOGPROBS, sample, token_logprobs
-from lorafleet.worker.step import SamplingParams
+from lorafleet.worker.sampler import sample, token_logprobs
+from lorafleet.worker.step import MAX_LOGPROBS, SamplingParams
 
 
 def test_no_row_asks_no_logprobs():
