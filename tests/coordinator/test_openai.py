@@ -420,3 +420,26 @@ def test_a_client_that_disconnects_frees_its_pages(served):
             break
         time.sleep(0.1)
     assert served.metric("lorafleet_requests_total", frontend="http", status="cancelled") == before + 1
+
+
+def test_lorafleet_serve_http_port_and_api_key_file(tiny_models, tmp_path):
+    """`lorafleet serve --http-port 0 --api-key-file F`: the ready line gives the HTTP port, the API
+    answers beside gRPC, and SIGTERM still shuts the whole server down cleanly."""
+    from servers import ServerProcess
+
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    srv = ServerProcess("--model", str(tiny_models["llama_gqa"]), "--pool-bytes", "4MiB", "--http-port", "0",
+                        "--api-key-file", str(key_file))
+    try:
+        base = f"http://127.0.0.1:{srv.info['http_port']}"
+        with httpx.Client(base_url=base, timeout=WAIT) as h:
+            assert h.get("/health").status_code == 200
+            models = h.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
+            assert models[0]["id"] == tiny_models["llama_gqa"].name
+            done = h.post("/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": models[0]["id"], "prompt": [5, 6], "max_tokens": 3, "temperature": 0})
+            assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] >= 1
+            assert h.get("/v1/models").status_code == 401
+    finally:
+        assert srv.stop() == 0
