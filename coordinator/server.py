@@ -475,8 +475,7 @@ class LoraFleetServer:
 
     def ready_line(self) -> str:
         return json.dumps({"event": "ready", "host": self.cfg.host, "port": self.port, "http_port": self.http_port,
-                           "metrics_port": self.metrics_port,
-                           "tp": self.cfg.engine.tp, "replicas": self.cfg.replicas})
+                           "metrics_port": self.metrics_port, "tp": self.cfg.engine.tp, "replicas": self.cfg.replicas})
 
     async def stop(self) -> None:
         """Stops accepting, lets in-flight requests finish within the grace period, then stops the workers."""
