@@ -12,6 +12,8 @@ STAMP := $(VENV)/.installed
 HELM := $(BIN)/helm
 PORT ?= 50051
 METRICS_PORT ?= 9400
+# The OpenAI-compatible HTTP API of `make serve` (-1 turns it off).
+HTTP_PORT ?= 8000
 
 .PHONY: install serve test demo bench bench-offline roofline gpu-check clean helm image image-base image-test
 
@@ -44,7 +46,7 @@ $(DEMO_MODEL)/config.json: | $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m deploy.demo_model --model-out $(DEMO_MODEL) --adapters-out $(DEMO_ADAPTERS)
 
 serve: install demo
-	HF_HUB_OFFLINE=1 $(BIN)/lorafleet serve --model $(DEMO_MODEL) --adapters $(DEMO_ADAPTERS) --port $(PORT) --metrics-port $(METRICS_PORT)
+	HF_HUB_OFFLINE=1 $(BIN)/lorafleet serve --model $(DEMO_MODEL) --adapters $(DEMO_ADAPTERS) --port $(PORT) --metrics-port $(METRICS_PORT) --http-port $(HTTP_PORT)
 
 # OMP_WAIT_POLICY=PASSIVE: test servers, Ray workers and the test process share 2 cores; spinning
 # OpenMP threads would slow each other down many times over.

@@ -80,6 +80,8 @@ def cmd_serve(args) -> int:
         engine=engine_config(args), replicas=args.replicas, host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, admin_token_file=args.admin_token_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace=args.shutdown_grace,
+        http_port=None if args.http_port < 0 else args.http_port, api_key=api_key(args),
+        served_model_name=args.served_model_name,
     )
 
     def announce(line: str) -> None:
@@ -90,9 +92,24 @@ def cmd_serve(args) -> int:
         me = own_command()
         print(f"  try: {me} generate --target {info['host']}:{info['port']} --chat \"What is the capital of France?\"", file=sys.stderr)
         print(f"       {me} adapters list --target {info['host']}:{info['port']}", file=sys.stderr)
+        if info.get("http_port"):
+            print(f"lorafleet: OpenAI-compatible API on http://{info['host']}:{info['http_port']}/v1", file=sys.stderr)
+            print(f"  try: curl http://{info['host']}:{info['http_port']}/v1/models", file=sys.stderr)
 
     asyncio.run(serve(cfg, announce, **({"page_plan": args.page_plan} if args.page_plan else {})))
     return 0
+
+
+def api_key(args) -> str | None:
+    """--api-key, or the first line of --api-key-file (which keeps it out of the process list)."""
+    if args.api_key_file is None:
+        return args.api_key or None
+    from pathlib import Path
+
+    key = Path(args.api_key_file).read_text().strip()
+    if not key:
+        raise ValueError(f"{args.api_key_file} is empty; put the API key in it")
+    return key
 
 
 def own_command() -> str:
@@ -133,12 +150,19 @@ def main(argv: list[str] | None = None, page_plan=None) -> int:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
-    srv = sub.add_parser("serve", help="serve the gRPC API")
+    srv = sub.add_parser("serve", help="serve the gRPC API (and the OpenAI-compatible HTTP API with --http-port)")
     add_engine_args(srv)
     srv.add_argument("--replicas", type=int, default=1, help="tensor-parallel groups to route between")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     srv.add_argument("--metrics-port", type=int, default=9400, help="Prometheus port (0 picks a free one, -1 turns it off)")
+    srv.add_argument("--http-port", type=int, default=-1,
+                     help="port of the OpenAI-compatible HTTP API (0 picks a free one; default -1: off; `make serve` uses 8000)")
+    key = srv.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None, help="every /v1 HTTP call must send 'Authorization: Bearer KEY'")
+    key.add_argument("--api-key-file", default=None, help="as --api-key, the key read from this file")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the base model's id in the HTTP API (`model`); default: the model folder's name")
     srv.add_argument("--admin-token-file", default=None, help="file holding the bearer token admin calls must send")
     srv.add_argument("--tls-cert", default=None)
     srv.add_argument("--tls-key", default=None)

@@ -167,9 +167,9 @@ class Engine:
             return []
         for name in list(step.load_adapters) + step.evicted_adapters:
             self.adapters.changed.add(name)  # residency shows in the snapshot
-        tokens = self.executor.call_all("execute", step)[0]
+        sampled = self.executor.call_all("execute", step)[0]
         self.steps += 1
-        outputs = self.scheduler.postprocess(tokens)
+        outputs = self.scheduler.postprocess(sampled.tokens, sampled.logprobs)
         for out in outputs:
             if out.finished:
                 self._release(out.seq)

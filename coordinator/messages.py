@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+from ..worker.step import TokenLogprobs
 from .sequence import Request
 
 
@@ -23,6 +24,7 @@ class Code(enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    UNAUTHENTICATED = "unauthenticated"
 
 
 # ------------------------------------------------------------- in
@@ -62,11 +64,13 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Tokens:
-    """New tokens of one request; finish_reason (length or stop) on its last ones."""
+    """New tokens of one request; finish_reason (length or stop) on its last ones; logprobs, one
+    per token id, when the request asked for them (SamplingParams.logprobs)."""
 
     key: int
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
+    logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 @dataclass(frozen=True)

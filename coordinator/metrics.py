@@ -1,4 +1,5 @@
-"""Prometheus metrics, with per-adapter labels, on their own HTTP port."""
+"""Prometheus metrics, with per-adapter labels, on their own HTTP port. Request metrics also carry
+the front end that served the request: "grpc" or "http" (the OpenAI API)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -15,11 +16,14 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lorafleet_requests", "Finished requests by adapter and status", ["adapter", "status"], registry=r)
-        self.generated_tokens = Counter("lorafleet_generated_tokens", "Generated tokens by adapter", ["adapter"], registry=r)
-        self.ttft = Histogram("lorafleet_time_to_first_token_seconds", "Time to first token", ["adapter"], buckets=_LATENCY, registry=r)
-        self.tpot = Histogram("lorafleet_time_per_output_token_seconds", "Time per output token after the first", ["adapter"], buckets=_PER_TOKEN, registry=r)
-        self.e2e = Histogram("lorafleet_request_latency_seconds", "End-to-end request latency", ["adapter"], buckets=_LATENCY, registry=r)
+        per_request = ["frontend", "adapter"]
+        self.requests = Counter("lorafleet_requests", "Finished requests by front end, adapter and status",
+                                [*per_request, "status"], registry=r)
+        self.generated_tokens = Counter("lorafleet_generated_tokens", "Generated tokens by front end and adapter", per_request, registry=r)
+        self.ttft = Histogram("lorafleet_time_to_first_token_seconds", "Time to first token", per_request, buckets=_LATENCY, registry=r)
+        self.tpot = Histogram("lorafleet_time_per_output_token_seconds", "Time per output token after the first", per_request,
+                              buckets=_PER_TOKEN, registry=r)
+        self.e2e = Histogram("lorafleet_request_latency_seconds", "End-to-end request latency", per_request, buckets=_LATENCY, registry=r)
         self.queue = Gauge("lorafleet_queue_length", "Sequences waiting", ["replica"], registry=r)
         self.batch = Gauge("lorafleet_running_batch_size", "Sequences running", ["replica"], registry=r)
         self.pages = Gauge("lorafleet_pool_pages", "Pool pages by use", ["replica", "use"], registry=r)
@@ -37,16 +41,16 @@ class Metrics:
             self._http.server_close()
             self._http = None
 
-    def observe_finished(self, adapter: str | None, status: str, started: float, first_token: float | None,
+    def observe_finished(self, frontend: str, adapter: str | None, status: str, started: float, first_token: float | None,
                          finished: float, tokens: int) -> None:
-        label = adapter_label(adapter)
-        self.requests.labels(label, status).inc()
-        self.generated_tokens.labels(label).inc(tokens)
-        self.e2e.labels(label).observe(finished - started)
+        labels = (frontend, adapter_label(adapter))
+        self.requests.labels(*labels, status).inc()
+        self.generated_tokens.labels(*labels).inc(tokens)
+        self.e2e.labels(*labels).observe(finished - started)
         if first_token is not None:
-            self.ttft.labels(label).observe(first_token - started)
+            self.ttft.labels(*labels).observe(first_token - started)
             if tokens > 1:
-                self.tpot.labels(label).observe((finished - first_token) / (tokens - 1))
+                self.tpot.labels(*labels).observe((finished - first_token) / (tokens - 1))
 
     def observe_replica(self, index: int, waiting: int, running: int, kv_pages: int, adapter_pages: int, free_pages: int) -> None:
         replica = str(index)

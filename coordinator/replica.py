@@ -208,7 +208,8 @@ class Replica:
             key = self._keys.get(o.seq.seq_id)
             if key is None:
                 continue
-            out.append(Tokens(key, (o.token,), o.seq.finish_reason if o.finished else None))
+            logprobs = (o.logprobs,) if o.logprobs is not None else None
+            out.append(Tokens(key, (o.token,), o.seq.finish_reason if o.finished else None, logprobs))
             if o.finished:
                 del self._keys[o.seq.seq_id], self._seqs[key]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..worker.step import SeqWork, Step
+from ..worker.step import SeqWork, Step, TokenLogprobs
 from .pages import PagePlan
 from .sequence import Request, Sequence, Status
 
@@ -38,6 +38,7 @@ class Output:
     seq: Sequence
     token: int
     finished: bool
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass
@@ -185,18 +186,18 @@ class Scheduler:
 
     # ------------------------------------------------------------- results
 
-    def postprocess(self, tokens: list[int]) -> list[Output]:
-        if len(tokens) != len(self._scheduled):
+    def postprocess(self, tokens: list[int], logprobs: list[TokenLogprobs | None] | None = None) -> list[Output]:
+        if len(tokens) != len(self._scheduled) or (logprobs is not None and len(logprobs) != len(tokens)):
             raise RuntimeError(f"the worker returned {len(tokens)} tokens for {len(self._scheduled)} sequences")
         outputs = []
-        for seq, token in zip(self._scheduled, tokens):
+        for i, (seq, token) in enumerate(zip(self._scheduled, tokens)):
             if seq.status != Status.RUNNING:
                 continue  # aborted while the step ran
             seq.output_ids.append(token)
             reason = self._stop_reason(seq, token)
             if reason:
                 self._finish(seq, reason)
-            outputs.append(Output(seq, token, reason is not None))
+            outputs.append(Output(seq, token, reason is not None, logprobs[i] if logprobs else None))
         self._scheduled = []
         return outputs
 

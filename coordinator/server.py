@@ -1,8 +1,10 @@
-"""The gRPC front end: the public LoraFleet service over one or more replica cores.
+"""The gRPC front end: the public LoraFleet service over one or more replica cores, and the
+server that runs it beside the OpenAI-compatible HTTP front end (openai_api.py).
 
-It parses requests with the one request model, routes them from the replicas' snapshots,
-sends messages to the chosen replica and streams what the one output processor makes of
-its tokens. It never touches a replica's scheduler, page plan or adapter table.
+Both front ends share one Fleet: they parse requests with the one request model, route them
+from the replicas' snapshots, send messages to the chosen replica and stream what the one
+output processor makes of its tokens. Neither touches a replica's scheduler, page plan or
+adapter table.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
@@ -27,8 +29,9 @@ from .adapters import DiskCatalog
 from .config import EngineConfig
 from .engine import Engine
 from .messages import Code, ReplicaSnapshot
-from .pages import PagePlan
 from .metrics import Metrics
+from .openai_api import OpenAIServer
+from .pages import PagePlan
 from .output import OutputProcessor
 from .replica import Replica, ReplicaHandle, RequestFailed
 from .request import InvalidRequest, RequestParser, check_adapter_name, fields_from_proto
@@ -46,6 +49,9 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port
     metrics_port: int | None = 9400  # 0 picks a free port, None turns metrics off
     admin_token_file: str | None = None
+    http_port: int | None = None  # the OpenAI-compatible HTTP API; 0 picks a free port, None turns it off
+    api_key: str | None = None  # when set, every /v1 HTTP call must send "Authorization: Bearer <key>"
+    served_model_name: str | None = None  # the base model's id in the HTTP API; None: the model folder's name
     tls_cert: str | None = None
     tls_key: str | None = None
     shutdown_grace: float = 10.0
@@ -78,6 +84,132 @@ class ModelFacts:
     pool_pages: int
 
 
+@dataclass(frozen=True)
+class AdapterListing:
+    """One adapter as the listing calls show it (the fields of lorafleet.v1.AdapterInfo)."""
+
+    name: str
+    rank: int = 0
+    targets: tuple[str, ...] = ()
+    residence: str = "disk"  # device_pool, host_cache, reading, unloading, failed, disk or refused
+    requests: int = 0
+    pool_pages: int = 0
+    replicas: tuple[int, ...] = ()  # where it is resident
+    error: str = ""
+
+
+def check_admin(admin_token: str | None, authorization: str, loopback: bool) -> None:
+    """The admin rule of every front end: the server's token as "Bearer <token>" when it has one,
+    else a caller on loopback. Raises RequestFailed (UNAUTHENTICATED or PERMISSION_DENIED)."""
+    if admin_token is not None:
+        if not hmac.compare_digest(authorization.encode(), f"Bearer {admin_token}".encode()):
+            raise RequestFailed(Code.UNAUTHENTICATED,
+                                "admin calls need 'authorization: Bearer <token>' with the server's admin token")
+    elif not loopback:
+        raise RequestFailed(Code.PERMISSION_DENIED,
+                            "admin calls are accepted from loopback only unless the server has --admin-token-file")
+
+
+class Fleet:
+    """What every front end shares: the replicas' handles and snapshots, the router, the one request
+    parser, the adapter folder's catalog, the admin calls and the request metrics."""
+
+    def __init__(self, cfg: ServerConfig, replicas: list[ReplicaHandle], parser: RequestParser, facts: ModelFacts,
+                 metrics: Metrics):
+        self.cfg, self.replicas, self.parser, self.facts, self.metrics = cfg, replicas, parser, facts, metrics
+        self.tokenizer = parser.tokenizer
+        self.router = Router(replicas, cfg.engine.max_num_seqs)
+        self.catalog = DiskCatalog(Path(cfg.engine.adapters_dir).resolve() if cfg.engine.adapters_dir else None)
+        self.admin_token = cfg.admin_token()
+        self.draining = False
+
+    def snapshots(self) -> list[ReplicaSnapshot]:
+        return [r.snapshot for r in self.replicas]
+
+    def serving(self) -> bool:
+        return not self.draining and any(s.healthy for s in self.snapshots())
+
+    def authorize(self, authorization: str, loopback: bool) -> None:
+        check_admin(self.admin_token, authorization, loopback)
+
+    def check_open(self) -> None:
+        if self.draining:
+            raise RequestFailed(Code.UNAVAILABLE, "the server is shutting down; retry on another replica")
+
+    def route(self, adapter: str | None) -> ReplicaHandle:
+        """The replica for a request; RequestFailed UNAVAILABLE when none serves, RESOURCE_EXHAUSTED when the queue is full."""
+        replica = self.router.pick(adapter)
+        if replica is None:
+            raise RequestFailed(Code.UNAVAILABLE, "no replica is serving; the request may be retried")
+        queued = sum(r.in_flight for r in self.replicas) - sum(s.running for s in self.snapshots())
+        if queued >= self.cfg.engine.max_queue:
+            raise RequestFailed(Code.RESOURCE_EXHAUSTED, f"the queue is full ({queued} requests waiting); retry later")
+        return replica
+
+    def observe(self, frontend: str, adapter: str | None, status: str, started: float, first_token: float | None,
+                tokens: int) -> None:
+        """One finished request in the metrics; an adapter no replica knows counts as __unknown__."""
+        known = adapter is None or any(adapter in s.adapters for s in self.snapshots())
+        self.metrics.observe_finished(frontend, adapter if known else "__unknown__", status, started, first_token,
+                                      time.monotonic(), tokens)
+
+    # ------------------------------------------------------------- adapters
+
+    def _admin_replicas(self, name: str) -> list[ReplicaHandle]:
+        try:
+            check_adapter_name(name)
+        except InvalidRequest as e:
+            raise RequestFailed(Code.INVALID_ARGUMENT, str(e)) from e
+        replicas = self.router.healthy()
+        if not replicas:
+            raise RequestFailed(Code.UNAVAILABLE, "no replica is serving; retry later")
+        return replicas
+
+    async def load_adapter(self, name: str, path: str | None) -> AdapterListing:
+        """Loads (or reloads) an adapter on every healthy replica; the caller checked the admin rule."""
+        replicas = self._admin_replicas(name)
+        await asyncio.gather(*(h.load_adapter(name, path or None) for h in replicas))
+        return self.adapter(name, self.snapshots())
+
+    async def unload_adapter(self, name: str) -> int:
+        """Unloads an adapter from every replica that holds it; returns the requests drained."""
+        replicas = self._admin_replicas(name)
+        results = await asyncio.gather(*(h.unload_adapter(name, self.cfg.unload_timeout) for h in replicas),
+                                       return_exceptions=True)
+        failures = [e for e in results if isinstance(e, BaseException)]
+        real = [e for e in failures if not (isinstance(e, RequestFailed) and e.code == Code.NOT_FOUND)]
+        if real:
+            raise real[0]
+        if len(failures) == len(results):
+            raise RequestFailed(Code.NOT_FOUND, f"adapter {name!r} is not loaded")
+        return sum(n for n in results if isinstance(n, int))
+
+    def adapters(self) -> list[AdapterListing]:
+        """Every adapter a replica holds, then every other folder of the adapters folder."""
+        snapshots = self.snapshots()
+        names = set().union(*(s.adapters for s in snapshots))
+        listings = [self.adapter(n, snapshots) for n in sorted(names)]
+        for item in self.catalog.items():
+            if item["name"] not in names:
+                listings.append(AdapterListing(name=item["name"], rank=item["rank"], targets=tuple(item["targets"]),
+                                               residence="refused" if item["error"] else "disk", error=item["error"] or ""))
+        return listings
+
+    @staticmethod
+    def adapter(name: str, snapshots: list[ReplicaSnapshot]) -> AdapterListing:
+        views = [(s.index, s.adapters[name]) for s in snapshots if name in s.adapters]
+        states = {v.state for _, v in views}
+        residence = next((label for state, label in (("resident", "device_pool"), ("host_ready", "host_cache"),
+                                                     ("reading", "reading"), ("unloading", "unloading"),
+                                                     ("failed", "failed")) if state in states), "disk")
+        known = next((v for _, v in views if v.rank), views[0][1] if views else None)
+        return AdapterListing(
+            name=name, rank=known.rank if known else 0, targets=tuple(known.targets) if known else (), residence=residence,
+            requests=sum(v.requests for _, v in views), pool_pages=known.num_pages if known else 0,
+            replicas=tuple(i for i, v in views if v.state == "resident"),
+            error=next((v.reason for _, v in views if v.reason), ""))
+
+
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -104,14 +236,10 @@ def _lenient(message_type):
 
 
 class LoraFleetService:
-    def __init__(self, cfg: ServerConfig, replicas: list[ReplicaHandle], parser: RequestParser, facts: ModelFacts,
-                 metrics: Metrics):
-        self.cfg, self.replicas, self.parser, self.facts, self.metrics = cfg, replicas, parser, facts, metrics
-        self.tokenizer = parser.tokenizer
-        self.router = Router(replicas, cfg.engine.max_num_seqs)
-        self.catalog = DiskCatalog(Path(cfg.engine.adapters_dir).resolve() if cfg.engine.adapters_dir else None)
-        self.admin_token = cfg.admin_token()
-        self.draining = False
+    def __init__(self, fleet: Fleet):
+        self.fleet, self.cfg, self.facts = fleet, fleet.cfg, fleet.facts
+        self.parser, self.tokenizer = fleet.parser, fleet.tokenizer
+        self.admin_token = fleet.admin_token
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = pb.DESCRIPTOR.services_by_name["LoraFleet"].methods_by_name
@@ -128,9 +256,6 @@ class LoraFleetService:
                                   response_serializer=lambda msg: msg.SerializeToString())
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
-    def snapshots(self) -> list[ReplicaSnapshot]:
-        return [r.snapshot for r in self.replicas]
-
     # ------------------------------------------------------------- Generate
 
     async def Generate(self, request, context):
@@ -142,7 +267,7 @@ class LoraFleetService:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
             adapter = request.adapter_id or None
             req = self._parse(request)
-            replica = self._route(req.adapter)
+            replica = self.fleet.route(req.adapter)
             stream = replica.submit(req)
             processor = OutputProcessor(self.tokenizer, req)
             while not processor.finished:
@@ -169,108 +294,60 @@ class LoraFleetService:
         finally:
             if stream is not None:
                 stream.close()  # the client went away or its deadline passed: free its pages now
-            known = adapter is None or any(adapter in s.adapters for s in self.snapshots())
-            self.metrics.observe_finished(adapter if known else "__unknown__", status, started, first_token,
-                                          time.monotonic(), sent)
+            self.fleet.observe("grpc", adapter, status, started, first_token, sent)
 
     def _parse(self, r: pb.GenerateRequest):
-        if self.draining:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        self.fleet.check_open()
         try:
             return self.parser.parse(fields_from_proto(r, r.request_id or uuid.uuid4().hex))
         except InvalidRequest as e:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
 
-    def _route(self, adapter: str | None) -> ReplicaHandle:
-        replica = self.router.pick(adapter)
-        if replica is None:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, "no replica is serving; the request may be retried")
-        queued = sum(r.in_flight for r in self.replicas) - sum(s.running for s in self.snapshots())
-        if queued >= self.cfg.engine.max_queue:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the queue is full ({queued} requests waiting); retry later")
-        return replica
-
     # ------------------------------------------------------------- adapters
 
     def _authorize(self, context) -> None:
-        if self.admin_token is not None:
-            auth = dict(context.invocation_metadata()).get("authorization", "")
-            if not hmac.compare_digest(auth.encode(), f"Bearer {self.admin_token}".encode()):
-                raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "admin calls need 'authorization: Bearer <token>' with the server's admin token")
-            return
         peer = context.peer() or ""
-        if not (peer.startswith("ipv4:127.") or peer.startswith("ipv6:[::1]") or peer.startswith("unix:")):
-            raise _Abort(grpc.StatusCode.PERMISSION_DENIED,
-                         "admin calls are accepted from loopback only unless the server has --admin-token-file")
+        loopback = peer.startswith("ipv4:127.") or peer.startswith("ipv6:[::1]") or peer.startswith("unix:")
+        try:
+            check_admin(self.admin_token, dict(context.invocation_metadata()).get("authorization", ""), loopback)
+        except RequestFailed as f:
+            raise _Abort(_status(f.code), f.message) from f
 
     async def _admin(self, request, context, call):
         try:
             if isinstance(request, _Undecodable):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
             self._authorize(context)
-            try:
-                check_adapter_name(request.name)
-            except InvalidRequest as e:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-            replicas = self.router.healthy()
-            if not replicas:
-                raise _Abort(grpc.StatusCode.UNAVAILABLE, "no replica is serving; retry later")
-            return await call(request, replicas)
+            return await call(request)
         except _Abort as a:
             await context.abort(a.code, a.message)
         except RequestFailed as f:
             await context.abort(_status(f.code), f.message)
 
     async def LoadAdapter(self, request, context):
-        async def load(r, replicas):
-            await asyncio.gather(*(h.load_adapter(r.name, r.path or None) for h in replicas))
-            return pb.LoadAdapterResponse(adapter=self._adapter_info(r.name, self.snapshots()))
+        async def load(r):
+            return pb.LoadAdapterResponse(adapter=_info(await self.fleet.load_adapter(r.name, r.path or None)))
         return await self._admin(request, context, load)
 
     async def UnloadAdapter(self, request, context):
-        async def unload(r, replicas):
-            results = await asyncio.gather(*(h.unload_adapter(r.name, self.cfg.unload_timeout) for h in replicas),
-                                           return_exceptions=True)
-            failures = [e for e in results if isinstance(e, BaseException)]
-            real = [e for e in failures if not (isinstance(e, RequestFailed) and e.code == Code.NOT_FOUND)]
-            if real:
-                raise real[0]
-            if len(failures) == len(results):
-                raise _Abort(grpc.StatusCode.NOT_FOUND, f"adapter {r.name!r} is not loaded")
-            return pb.UnloadAdapterResponse(requests_drained=sum(n for n in results if isinstance(n, int)))
+        async def unload(r):
+            return pb.UnloadAdapterResponse(requests_drained=await self.fleet.unload_adapter(r.name))
         return await self._admin(request, context, unload)
 
     async def ListAdapters(self, request, context):
-        snapshots = self.snapshots()
-        names = set().union(*(s.adapters for s in snapshots))
-        infos = [self._adapter_info(n, snapshots) for n in sorted(names)]
-        for item in self.catalog.items():
-            if item["name"] not in names:
-                infos.append(pb.AdapterInfo(name=item["name"], rank=item["rank"], targets=item["targets"],
-                                            residence="refused" if item["error"] else "disk", error=item["error"] or ""))
-        return pb.ListAdaptersResponse(adapters=infos)
-
-    @staticmethod
-    def _adapter_info(name: str, snapshots: list[ReplicaSnapshot]) -> pb.AdapterInfo:
-        views = [(s.index, s.adapters[name]) for s in snapshots if name in s.adapters]
-        states = {v.state for _, v in views}
-        residence = next((label for state, label in (("resident", "device_pool"), ("host_ready", "host_cache"),
-                                                     ("reading", "reading"), ("unloading", "unloading"),
-                                                     ("failed", "failed")) if state in states), "disk")
-        known = next((v for _, v in views if v.rank), views[0][1] if views else None)
-        return pb.AdapterInfo(
-            name=name, rank=known.rank if known else 0, targets=list(known.targets) if known else [], residence=residence,
-            requests=sum(v.requests for _, v in views), pool_pages=known.num_pages if known else 0,
-            replicas=[i for i, v in views if v.state == "resident"],
-            error=next((v.reason for _, v in views if v.reason), ""))
+        return pb.ListAdaptersResponse(adapters=[_info(a) for a in self.fleet.adapters()])
 
     async def GetServerInfo(self, request, context):
         e = self.cfg.engine
         return pb.ServerInfo(
-            model=str(Path(e.model_dir).name), dtype=e.dtype, tp=e.tp, replicas=len(self.replicas),
+            model=str(Path(e.model_dir).name), dtype=e.dtype, tp=e.tp, replicas=len(self.fleet.replicas),
             max_lora_rank=e.max_lora_rank, max_model_len=self.facts.max_model_len, max_num_seqs=e.max_num_seqs,
             max_batched_tokens=e.max_batched_tokens, pool_pages=self.facts.pool_pages,
             vocab_size=self.facts.vocab_size, version=_version())
+
+
+def _info(listing: AdapterListing) -> pb.AdapterInfo:
+    return pb.AdapterInfo(**asdict(listing))
 
 
 def _version() -> str:
@@ -280,8 +357,9 @@ def _version() -> str:
 
 
 class LoraFleetServer:
-    """Binds its ports, builds the replicas, serves gRPC (with health and reflection) and metrics,
-    runs its background tasks under supervision, shuts down gracefully."""
+    """Binds its ports, builds the replicas, serves gRPC (with health and reflection), the OpenAI
+    HTTP API (on the same event loop) and metrics, runs its background tasks under supervision,
+    shuts down gracefully."""
 
     def __init__(self, cfg: ServerConfig, page_plan=PagePlan):
         """page_plan: builds each replica's page accounting (bench/ablations.py injects its variants)."""
@@ -291,7 +369,8 @@ class LoraFleetServer:
         self.engines: list[Engine] = []
         self.server: grpc.aio.Server | None = None
         self.metrics = Metrics()
-        self.port = self.metrics_port = None
+        self.port = self.metrics_port = self.http_port = None
+        self.http: OpenAIServer | None = None
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.health = health.aio.HealthServicer()
@@ -300,12 +379,17 @@ class LoraFleetServer:
     async def start(self) -> None:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.port = self._bind()
+        if self.cfg.http_port is not None:
+            self.http = OpenAIServer(self.cfg.host, self.cfg.http_port, self.cfg.shutdown_grace)
+            self.http_port = self.http.port
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.host, self.cfg.metrics_port)
         try:
             await asyncio.to_thread(self._build_engines)
         except BaseException:
             self.metrics.close()
+            if self.http is not None:
+                self.http.close()
             raise
         loop = asyncio.get_running_loop()
         engine0 = self.engines[0]
@@ -314,11 +398,14 @@ class LoraFleetServer:
         self.handles = [ReplicaHandle(r, loop) for r in self.replicas]
         for replica in self.replicas:
             replica.start()
-        self.service = LoraFleetService(self.cfg, self.handles, engine0.parser, facts, self.metrics)
+        self.fleet = Fleet(self.cfg, self.handles, engine0.parser, facts, self.metrics)
+        self.service = LoraFleetService(self.fleet)
         self.server.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         await self.server.start()
+        if self.http is not None:
+            await self.http.start(self.fleet)
         await self._set_health(True)
         for name, body in (("gauges", self._gauges), ("health", self._watch_health), ("adapter folder", self._watch_folder)):
             self._tasks.append(asyncio.create_task(self._supervise(name, body, 0.5)))
@@ -367,19 +454,19 @@ class LoraFleetServer:
                 pass
 
     async def _gauges(self) -> None:
-        snapshots = self.service.snapshots()
+        snapshots = self.fleet.snapshots()
         for s in snapshots:
             self.metrics.observe_replica(s.index, s.waiting + s.parked, s.running, s.kv_pages, s.adapter_pages, s.free_pages)
         states = [v.state for s in snapshots for v in s.adapters.values()]
         self.metrics.observe_tiers(states.count("resident"), states.count("host_ready"), self._on_disk)
 
     async def _watch_folder(self) -> None:
-        items = await asyncio.to_thread(self.service.catalog.items)
-        held = set().union(*(s.adapters for s in self.service.snapshots()))
+        items = await asyncio.to_thread(self.fleet.catalog.items)
+        held = set().union(*(s.adapters for s in self.fleet.snapshots()))
         self._on_disk = sum(1 for item in items if item["name"] not in held and not item["error"])
 
     async def _watch_health(self) -> None:
-        await self._set_health(not self.service.draining and any(s.healthy for s in self.service.snapshots()))
+        await self._set_health(self.fleet.serving())
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -389,17 +476,18 @@ class LoraFleetServer:
     # ------------------------------------------------------------- lifecycle
 
     def ready_line(self) -> str:
-        return json.dumps({"event": "ready", "host": self.cfg.host, "port": self.port, "metrics_port": self.metrics_port,
-                           "tp": self.cfg.engine.tp, "replicas": self.cfg.replicas})
+        return json.dumps({"event": "ready", "host": self.cfg.host, "port": self.port, "http_port": self.http_port,
+                           "metrics_port": self.metrics_port, "tp": self.cfg.engine.tp, "replicas": self.cfg.replicas})
 
     async def stop(self) -> None:
         """Stops accepting, lets in-flight requests finish within the grace period, then stops the workers."""
         if self.server is None:
             return
-        if hasattr(self, "service"):
-            self.service.draining = True
+        if hasattr(self, "fleet"):
+            self.fleet.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.cfg.shutdown_grace)
+        await asyncio.gather(self.server.stop(self.cfg.shutdown_grace),
+                             self.http.stop() if self.http is not None else asyncio.sleep(0))
         self._stopped.set()
         for task in self._tasks:
             await task

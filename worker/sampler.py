@@ -1,9 +1,10 @@
-"""Next-token choice: greedy, or temperature with top-k and top-p, reproducible per seed."""
+"""Next-token choice: greedy, or temperature with top-k and top-p, reproducible per seed;
+and, for the sequences that ask, the log-probabilities of the chosen token and the top candidates."""
 from __future__ import annotations
 
 import torch
 
-from .step import SamplingParams
+from .step import SamplingParams, TokenLogprobs
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
@@ -17,6 +18,24 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
         if p.temperature > 0:
             tokens[i] = _sample_row(logits[i], p, positions[i])
     return tokens.tolist()
+
+
+def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]) -> list[TokenLogprobs | None] | None:
+    """logits: (S, vocab); tokens[i]: row i's sampled token. For each row whose params ask
+    (logprobs > 0): logprobs = log_softmax(logits[i].float()), its value at tokens[i] and
+    topk(logprobs, min(params[i].logprobs, vocab)). None when no row asks; only those rows are computed."""
+    rows = [i for i, p in enumerate(params) if p.logprobs > 0]
+    if not rows:
+        return None
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)  # (len(rows), vocab)
+    k = min(max(params[i].logprobs for i in rows), logprobs.shape[-1])
+    top = torch.topk(logprobs, k, dim=-1)
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    for j, i in enumerate(rows):
+        n = min(params[i].logprobs, k)
+        out[i] = TokenLogprobs(float(logprobs[j, tokens[i]]), tuple(top.indices[j, :n].tolist()),
+                               tuple(top.values[j, :n].tolist()))
+    return out
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, position: int) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # top candidates a request may ask for per token
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -10,6 +12,26 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = all tokens
     seed: int | None = None  # the same seed gives the same tokens, whatever else is in the batch
+    logprobs: int = 0  # > 0: return the sampled token's logprob and this many top candidates (<= MAX_LOGPROBS)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's log-probability and the top candidates', from the log-softmax of the
+    float32 logits before temperature; top_ids are in descending order of top_logprobs."""
+
+    logprob: float
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What rank 0 returns for a step: one token per sequence of Step.seqs, in order, and its
+    TokenLogprobs where that sequence asked for them (None for the others; None when none asked)."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass

@@ -13,8 +13,8 @@ from .config import ModelConfig, WorkerConfig
 from .loader import Shard
 from .model import load_model
 from .pool import PagePool
-from .sampler import sample
-from .step import PageTables, Step, StepError
+from .sampler import sample, token_logprobs
+from .step import PageTables, Sampled, Step, StepError
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,9 @@ class Worker:
 
     # ------------------------------------------------------------- steps
 
-    def execute(self, step: Step) -> list[int] | None:
-        """Runs one step; rank 0 returns one sampled token per sequence, the others None.
+    def execute(self, step: Step) -> Sampled | None:
+        """Runs one step; rank 0 returns one sampled token per sequence (with logprobs for the
+        sequences that ask), the others None.
 
         Never reads the disk: the adapters it places were read before the scheduler placed them."""
         for name in step.dropped_adapters:
@@ -83,7 +84,7 @@ class Worker:
             self.pool.write(pages, item.packed)
         self.tables.apply(step)
         if not step.seqs:
-            return [] if self.shard.rank == 0 else None
+            return Sampled([]) if self.shard.rank == 0 else None
         names = {w.adapter for w in step.seqs if w.adapter is not None}
         adapter_pages = {n: self.tables.adapter_pages[n] for n in names}
         batch = forward_batch(step.seqs, self.tables.seq_pages, adapter_pages, self.adapters.layouts(names),
@@ -93,7 +94,8 @@ class Worker:
             return None
         params = [self.tables.sampling[w.seq_id] for w in step.seqs]
         positions = [w.start + len(w.token_ids) for w in step.seqs]
-        return sample(logits, params, positions)
+        tokens = sample(logits, params, positions)
+        return Sampled(tokens, token_logprobs(logits, params, tokens))
 
 
 def check_divisible(cfg: ModelConfig, tp: int) -> None:
