@@ -13,7 +13,7 @@ HELM := $(BIN)/helm
 PORT ?= 50051
 METRICS_PORT ?= 9400
 
-.PHONY: install serve test demo bench bench-offline clean helm image image-base image-test
+.PHONY: install serve test soak demo bench bench-offline clean helm image image-base image-test
 
 PROTO := proto/lorafleet/v1/lorafleet.proto
 STUBS := proto/lorafleet/v1/lorafleet_pb2_grpc.py
@@ -51,6 +51,10 @@ serve: install demo
 test: install demo
 	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 LORAFLEET_DEMO_MODEL=$(DEMO_MODEL) LORAFLEET_DEMO_ADAPTERS=$(DEMO_ADAPTERS) \
 		$(BIN)/python -m pytest -q tests
+
+# The long soak (10,000 requests with cancellations, deadlines and adapter churn); `make test` runs 500.
+soak: install demo
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 LORAFLEET_SOAK_REQUESTS=10000 $(BIN)/python -m pytest -q -s tests/coordinator/test_soak.py
 
 # The serving benchmark of issue 6 (lorafleet vs the PEFT baseline over gRPC); writes bench/results/.
 bench: install demo

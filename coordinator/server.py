@@ -36,6 +36,7 @@ from .router import Router
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["LoraFleet"].full_name
+MAX_MESSAGE = 4 * 2**20  # bytes of one gRPC message either way (the README says so)
 RETRIES = 2  # times a request whose replica failed before its first token is sent to another one
 
 
@@ -326,7 +327,8 @@ class LoraFleetServer:
         self._on_disk = 0  # valid adapter folders that no replica holds
 
     async def start(self) -> None:
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE),
+                                               ("grpc.max_send_message_length", MAX_MESSAGE)])
         self.port = self._bind()
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.host, self.cfg.metrics_port)
