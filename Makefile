@@ -15,7 +15,7 @@ METRICS_PORT ?= 9400
 # The OpenAI-compatible HTTP API of `make serve` (-1 turns it off).
 HTTP_PORT ?= 8000
 
-.PHONY: install serve test demo bench bench-offline roofline gpu-check clean helm image image-base image-test
+.PHONY: install serve test soak demo bench bench-offline roofline gpu-check clean helm image image-base image-test
 
 PROTO := proto/lorafleet/v1/lorafleet.proto
 STUBS := proto/lorafleet/v1/lorafleet_pb2_grpc.py
@@ -53,6 +53,10 @@ serve: install demo
 test: install demo
 	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 LORAFLEET_DEMO_MODEL=$(DEMO_MODEL) LORAFLEET_DEMO_ADAPTERS=$(DEMO_ADAPTERS) \
 		$(BIN)/python -m pytest -q tests
+
+# The long soak (10,000 requests with cancellations, deadlines and adapter churn); `make test` runs 500.
+soak: install demo
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 LORAFLEET_SOAK_REQUESTS=10000 $(BIN)/python -m pytest -q -s tests/coordinator/test_soak.py
 
 # The serving benchmark of issue 6 (lorafleet vs the PEFT baseline over gRPC); writes bench/results/.
 bench: install demo

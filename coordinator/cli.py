@@ -39,6 +39,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="CPU memory for loaded adapters, least recently used out first")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch at most")
     p.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens in one step at most")
+    p.add_argument("--step-timeout", type=float, default=60.0,
+                   help="seconds one step may take; past it the replica is declared failed (and rebuilt by serve)")
 
 
 def engine_config(args):
@@ -49,7 +51,8 @@ def engine_config(args):
         pool_bytes=None if args.pool_fraction is not None else args.pool_bytes,
         pool_fraction=args.pool_fraction or 0.9, host_cache_bytes=args.host_cache_bytes, max_lora_rank=args.max_lora_rank,
         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens, ray_address=args.ray_address,
-        placement_strategy=args.placement_strategy,
+        placement_strategy=args.placement_strategy, step_timeout=args.step_timeout,
+        max_queue=getattr(args, "max_queue", None),
     )
 
 
@@ -79,7 +82,7 @@ def cmd_serve(args) -> int:
     cfg = ServerConfig(
         engine=engine_config(args), replicas=args.replicas, host=args.host, port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port, admin_token_file=args.admin_token_file,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace=args.shutdown_grace,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, shutdown_grace=args.shutdown_grace, max_restarts=args.max_restarts,
         http_port=None if args.http_port < 0 else args.http_port, api_key=api_key(args),
         served_model_name=args.served_model_name,
     )
@@ -166,7 +169,12 @@ def main(argv: list[str] | None = None, page_plan=None) -> int:
     srv.add_argument("--admin-token-file", default=None, help="file holding the bearer token admin calls must send")
     srv.add_argument("--tls-cert", default=None)
     srv.add_argument("--tls-key", default=None)
-    srv.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get to finish on shutdown")
+    srv.add_argument("--shutdown-grace", type=float, default=10.0,
+                     help="on SIGTERM: seconds running requests get to finish; the rest end with UNAVAILABLE")
+    srv.add_argument("--max-queue", type=int, default=None,
+                     help="requests waiting at most before RESOURCE_EXHAUSTED (default: sized from the pools)")
+    srv.add_argument("--max-restarts", type=int, default=5,
+                     help="times a failed replica is rebuilt (after 1, 2, 4 ... 30 s) before it stays down")
     srv.set_defaults(func=cmd_serve)
 
     from ..client.cli import add_client_commands  # generate, adapters, loadtest: they talk to a server

@@ -21,7 +21,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    max_queue: int = 4096
+    max_queue: int | None = None  # None: sized from the pool (server.queue_limit)
+    step_timeout: float = 60.0  # seconds a step may take before its replica is declared failed
     ray_address: str | None = None  # None: an embedded Ray when tp > 1
     placement_strategy: str = "PACK"  # how Ray places one replica's tp workers (worker.config.PLACEMENT_STRATEGIES)
 
@@ -38,8 +39,10 @@ class EngineConfig:
         if self.host_cache_bytes < 0:
             raise ValueError("--host-cache-bytes must be >= 0")
         for name in ("max_lora_rank", "max_num_seqs", "max_batched_tokens", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+            if (getattr(self, name) or 1) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.step_timeout > 0:
+            raise ValueError(f"--step-timeout must be positive, got {self.step_timeout}")
 
     def worker_config(self) -> WorkerConfig:
         return WorkerConfig(

@@ -167,7 +167,7 @@ class Engine:
             return []
         for name in list(step.load_adapters) + step.evicted_adapters:
             self.adapters.changed.add(name)  # residency shows in the snapshot
-        sampled = self.executor.call_all("execute", step)[0]
+        sampled = self.executor.call_all("execute", step, timeout=self.cfg.step_timeout)[0]
         self.steps += 1
         outputs = self.scheduler.postprocess(sampled.tokens, sampled.logprobs)
         for out in outputs:
@@ -175,5 +175,5 @@ class Engine:
                 self._release(out.seq)
         return outputs
 
-    def shutdown(self) -> None:
-        self.executor.shutdown()
+    def shutdown(self, stop_ray: bool = True) -> None:
+        self.executor.shutdown(stop_ray)

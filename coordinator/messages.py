@@ -83,6 +83,13 @@ class Failed:
 
 
 @dataclass(frozen=True)
+class ReplicaDown:
+    """The replica failed: every request and command in flight ends with UNAVAILABLE and this message."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class Reply:
     reply: int
     code: Code | None = None  # None: done

@@ -87,15 +87,16 @@ def _sse(obj) -> str:
 class _Choice:
     """One choice of a response: one request in a replica, its output processor and what it produced."""
 
-    def __init__(self, index: int, fields: OpenAIFields, request, stream: RequestStream, processor: OutputProcessor):
-        self.index, self.fields, self.request, self.stream, self.processor = index, fields, request, stream, processor
+    def __init__(self, fleet, index: int, fields: OpenAIFields, request, stream: RequestStream, processor: OutputProcessor):
+        self.fleet, self.index, self.fields, self.request, self.stream = fleet, index, fields, request, stream
+        self.processor = processor
         self.first_token: float | None = None
         self.failure: RequestFailed | None = None
         self.completion_tokens = 0
 
     async def next_chunk(self) -> tuple[Chunk, list[TokenLogprobs]]:
         try:
-            batch = await self.stream.next_batch()
+            self.stream, batch = await self.fleet.next_batch(self.stream, self.request, self.processor.sent_tokens)
         except RequestFailed as f:
             self.failure = f
             raise
@@ -253,7 +254,7 @@ class OpenAIApi:
             replicas = [self.fleet.route(r.adapter) for r in requests]
         except (InvalidRequest, RequestFailed) as e:
             raise ApiError.of(e) from e
-        return [_Choice(i, fields, r, h.submit(r), OutputProcessor(self.fleet.tokenizer, r))
+        return [_Choice(self.fleet, i, fields, r, h.submit(r), OutputProcessor(self.fleet.tokenizer, r))
                 for i, (r, h) in enumerate(zip(requests, replicas))]
 
     def _finish(self, choices: list[_Choice], started: float) -> None:

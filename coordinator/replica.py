@@ -9,6 +9,7 @@ Adapter reads run on a loader thread; a request whose adapter is not read yet wa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -20,10 +21,11 @@ from types import MappingProxyType
 from typing import Callable
 
 from ..worker.adapters import AdapterError
+from ..worker.executor import StepTimeout, WorkerDied
 from .adapters import AdapterEntry, AdapterNotFound, AdapterPathDenied, AdapterState
 from .engine import Engine
-from .messages import (Abort, AddRequest, AdapterView, Code, Failed, LoadAdapter, Reply, ReplicaSnapshot, Shutdown,
-                       Tokens, UnloadAdapter)
+from .messages import (Abort, AddRequest, AdapterView, Code, Failed, LoadAdapter, Reply, ReplicaDown, ReplicaSnapshot,
+                       Shutdown, Tokens, UnloadAdapter)
 from .request import InvalidRequest
 from .scheduler import RequestTooLarge
 from .sequence import Request, Sequence
@@ -49,10 +51,12 @@ def error_code(error: Exception) -> Code:
 
 def describe_failure(error: BaseException) -> str:
     """What a user may read of a worker failure: the kind, never a Ray dump (actor ids, pids)."""
-    module = type(error).__module__ or ""
-    if module.startswith("ray"):
-        died = "ActorDied" in type(error).__name__ or "ActorError" in type(error).__name__
-        return "a worker process died" if died else f"a worker call failed ({type(error).__name__})"
+    if isinstance(error, WorkerDied):
+        return "a worker process died"
+    if isinstance(error, StepTimeout):
+        return f"a step took too long ({error})"
+    if (type(error).__module__ or "").startswith("ray"):
+        return f"a worker call failed ({type(error).__name__})"
     return f"{type(error).__name__} in a step"
 
 
@@ -73,8 +77,10 @@ class _Unload:
 
 
 class Replica:
-    def __init__(self, index: int, engine: Engine, idle_wait: float = 0.05):
-        self.index, self.engine, self.idle_wait = index, engine, idle_wait
+    """watch_interval: how often the watchdog looks for a dead rank or a step past --step-timeout."""
+
+    def __init__(self, index: int, engine: Engine, idle_wait: float = 0.05, watch_interval: float = 0.2):
+        self.index, self.engine, self.idle_wait, self.watch_interval = index, engine, idle_wait, watch_interval
         self.outbox: Callable[[list], None] = lambda messages: None  # set by the ReplicaHandle
         self.snapshot = ReplicaSnapshot(index, num_pages=engine.scheduler.plan.num_pages)
         self.error: str | None = None
@@ -88,20 +94,61 @@ class Replica:
         self._reading = False
         self._loader = ThreadPoolExecutor(1, thread_name_prefix=f"adapter-loader-{index}")
         self._thread = threading.Thread(target=self._run, name=f"replica-{index}", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name=f"replica-{index}-watchdog", daemon=True)
+        self._stopped = threading.Event()
+        self._fail_lock = threading.Lock()
+        self._step_started: float | None = None  # when the step in progress began (the watchdog reads it)
         self._publish()
 
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
 
     def send(self, message) -> None:
         """Any thread: queue a message for the replica's thread."""
         self._inbox.put(message)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stops the thread (waiting at most `timeout` for a step in progress) and the watchdog."""
+        self._stopped.set()
         self.send(Shutdown())
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        self._loader.shutdown(wait=True, cancel_futures=True)  # a read in progress finishes first
+        for thread in (self._thread, self._watchdog):
+            if thread.is_alive():
+                thread.join(timeout)
+        self._loader.shutdown(wait=not self._thread.is_alive(), cancel_futures=True)
+
+    def fail(self, reason: str) -> None:
+        """Any thread: declares the replica failed. Every request and command in flight ends with
+        UNAVAILABLE at once (the front end is told), the ranks are killed so that a hung call returns,
+        and the replica serves nothing more; its supervisor builds a new one."""
+        with self._fail_lock:
+            if self.error is not None:
+                return
+            self.error = f"replica {self.index} failed: {reason}"
+            log.error("%s", self.error)
+            self.snapshot = dataclasses.replace(self.snapshot, healthy=False, error=self.error)
+            self.outbox([ReplicaDown(self._unavailable())])
+        self.engine.executor.abort()
+
+    def _watch(self) -> None:
+        """The watchdog: a dead rank, or a step past --step-timeout, fails the replica within a second,
+        busy or idle."""
+        timeout = self.engine.cfg.step_timeout
+        while not self._stopped.wait(self.watch_interval):
+            if self.error is not None:
+                return
+            started = self._step_started
+            if started is not None and time.monotonic() - started > timeout:
+                self.fail(f"a step took longer than --step-timeout ({timeout:g} s)")
+                return
+            try:
+                dead = self.engine.executor.dead_ranks()
+            except Exception:  # noqa: BLE001 - the watchdog itself must go on
+                log.exception("replica %d: the watchdog's check failed", self.index)
+                continue
+            if dead:
+                self.fail(f"a worker process died (rank {dead[0]})")
+                return
 
     # ------------------------------------------------------------- the replica's thread
 
@@ -198,12 +245,17 @@ class Replica:
             waiting[:] = [(k, r) for k, r in waiting if k != message.key]
 
     def _step(self, out: list) -> None:
+        self._step_started = time.monotonic()
         try:
             outputs = self.engine.step()
         except Exception as e:  # a worker died or a bug: fail every request, stop serving
             log.exception("replica %d: step failed", self.index)
-            self._failed(describe_failure(e), out)
+            self._failed(describe_failure(e))
             return
+        finally:
+            self._step_started = None
+        if self.error is not None:
+            return  # failed by the watchdog while the step ran: its requests have their answer
         for o in outputs:
             key = self._keys.get(o.seq.seq_id)
             if key is None:
@@ -213,13 +265,9 @@ class Replica:
             if o.finished:
                 del self._keys[o.seq.seq_id], self._seqs[key]
 
-    def _failed(self, reason: str, out: list) -> None:
-        self.error = f"replica {self.index} failed: {reason}"
-        message = self._unavailable()
-        out += [Failed(key, Code.UNAVAILABLE, message) for key in self._seqs]
-        out += [Failed(key, Code.UNAVAILABLE, message) for waiting in self._parked.values() for key, _ in waiting]
-        out += [Reply(r, Code.UNAVAILABLE, message) for replies in self._loads.values() for r in replies]
-        out += [Reply(u.reply, Code.UNAVAILABLE, message) for u in self._unloads.values()]
+    def _failed(self, reason: str) -> None:
+        """The replica's thread found the failure: the front end ends what was in flight (ReplicaDown)."""
+        self.fail(reason)
         self._seqs.clear(), self._keys.clear(), self._parked.clear(), self._loads.clear(), self._unloads.clear()
 
     def _unavailable(self) -> str:
@@ -363,7 +411,9 @@ class ReplicaHandle:
 
     def _dispatch(self, messages: list) -> None:
         for m in messages:
-            if isinstance(m, Reply):
+            if isinstance(m, ReplicaDown):
+                self.fail_all(m.message)
+            elif isinstance(m, Reply):
                 future = self._replies.pop(m.reply, None)
                 if future is not None and not future.done():
                     future.set_result(m)
@@ -373,6 +423,23 @@ class ReplicaHandle:
                     stream.put_nowait(m)
                     if isinstance(m, Failed) or m.finish_reason is not None:
                         del self._streams[m.key]
+
+    def fail_all(self, message: str) -> None:
+        """Ends every request and command in flight here with UNAVAILABLE (the replica failed, or the
+        server drains); tokens already delivered stay delivered."""
+        streams, self._streams = self._streams, {}
+        for key, stream in streams.items():
+            stream.put_nowait(Failed(key, Code.UNAVAILABLE, message))
+        replies, self._replies = self._replies, {}
+        for reply, future in replies.items():
+            if not future.done():
+                future.set_result(Reply(reply, Code.UNAVAILABLE, message))
+
+    def replace(self, replica: Replica) -> None:
+        """Serves through a new replica from now on (its supervisor rebuilt it)."""
+        self.fail_all(f"replica {self.index} was replaced; the request may be retried")
+        self.replica = replica
+        replica.outbox = self._from_replica
 
     def submit(self, request: Request) -> RequestStream:
         key = next(self._ids)

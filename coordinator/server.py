@@ -33,12 +33,14 @@ from .metrics import Metrics
 from .openai_api import OpenAIServer
 from .pages import PagePlan
 from .output import OutputProcessor
-from .replica import Replica, ReplicaHandle, RequestFailed
+from .replica import Replica, ReplicaHandle, RequestFailed, RequestStream
 from .request import InvalidRequest, RequestParser, check_adapter_name, fields_from_proto
 from .router import Router
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["LoraFleet"].full_name
+MAX_MESSAGE = 4 * 2**20  # bytes of one gRPC message either way (the README says so)
+RETRIES = 2  # times a request whose replica failed before its first token is sent to another one
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,13 @@ class ServerConfig:
     tls_key: str | None = None
     shutdown_grace: float = 10.0
     unload_timeout: float = 300.0
+    max_restarts: int = 5  # per replica; restarts wait 1, 2, 4 ... up to 30 s after each failure
 
     def __post_init__(self):
         if self.replicas < 1:
             raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
+        if self.max_restarts < 0:
+            raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("give both --tls-cert and --tls-key, or neither")
         for f in (self.admin_token_file, self.tls_cert, self.tls_key):
@@ -82,6 +87,14 @@ class ModelFacts:
     vocab_size: int
     max_model_len: int
     pool_pages: int
+
+
+def queue_limit(cfg: EngineConfig, pool_pages: int, replicas: int) -> int:
+    """--max-queue, or by default what the pools could take in: every replica's pages at 64 tokens a
+    request, and at least 4 batches; requests past it get RESOURCE_EXHAUSTED instead of memory."""
+    if cfg.max_queue is not None:
+        return cfg.max_queue
+    return max(4 * cfg.max_num_seqs, replicas * pool_pages // 64)
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,7 @@ class Fleet:
         self.router = Router(replicas, cfg.engine.max_num_seqs)
         self.catalog = DiskCatalog(Path(cfg.engine.adapters_dir).resolve() if cfg.engine.adapters_dir else None)
         self.admin_token = cfg.admin_token()
+        self.max_queue = queue_limit(cfg.engine, facts.pool_pages, len(replicas))
         self.draining = False
 
     def snapshots(self) -> list[ReplicaSnapshot]:
@@ -142,9 +156,23 @@ class Fleet:
         if replica is None:
             raise RequestFailed(Code.UNAVAILABLE, "no replica is serving; the request may be retried")
         queued = sum(r.in_flight for r in self.replicas) - sum(s.running for s in self.snapshots())
-        if queued >= self.cfg.engine.max_queue:
+        if queued >= self.max_queue:
             raise RequestFailed(Code.RESOURCE_EXHAUSTED, f"the queue is full ({queued} requests waiting); retry later")
         return replica
+
+    async def next_batch(self, stream: RequestStream, request, sent_tokens: int) -> tuple[RequestStream, list]:
+        """The next tokens of a request (and the stream they came on): a request whose replica failed
+        before its first token is sent to another healthy replica, at most RETRIES times."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return stream, await stream.next_batch()
+            except RequestFailed as f:
+                retry = f.code == Code.UNAVAILABLE and not sent_tokens and attempt < RETRIES and not self.draining
+                other = self.router.pick(request.adapter) if retry else None
+                if other is None:
+                    raise
+                stream = other.submit(request)
+        raise AssertionError("unreachable")
 
     def observe(self, frontend: str, adapter: str | None, status: str, started: float, first_token: float | None,
                 tokens: int) -> None:
@@ -271,7 +299,7 @@ class LoraFleetService:
             stream = replica.submit(req)
             processor = OutputProcessor(self.tokenizer, req)
             while not processor.finished:
-                batch = await stream.next_batch()
+                stream, batch = await self.fleet.next_batch(stream, req, processor.sent_tokens)
                 tokens = [t for m in batch for t in m.token_ids]
                 chunk = processor.push(tokens, batch[-1].finish_reason)
                 if processor.stopped_by_string:
@@ -290,6 +318,9 @@ class LoraFleetService:
             await context.abort(a.code, a.message)
         except RequestFailed as f:
             status = f.code.value
+            if stream is not None:  # what was streamed before the failure
+                context.set_trailing_metadata((("lorafleet-prompt-tokens", str(len(req.prompt_ids))),
+                                               ("lorafleet-completion-tokens", str(processor.sent_tokens))))
             await context.abort(_status(f.code), f.message)
         finally:
             if stream is not None:
@@ -373,11 +404,14 @@ class LoraFleetServer:
         self.http: OpenAIServer | None = None
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._restarts: list[int] = []  # per replica, since start
+        self._restarting: dict[int, asyncio.Task] = {}
         self.health = health.aio.HealthServicer()
         self._on_disk = 0  # valid adapter folders that no replica holds
 
     async def start(self) -> None:
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE),
+                                               ("grpc.max_send_message_length", MAX_MESSAGE)])
         self.port = self._bind()
         if self.cfg.http_port is not None:
             self.http = OpenAIServer(self.cfg.host, self.cfg.http_port, self.cfg.shutdown_grace)
@@ -407,8 +441,10 @@ class LoraFleetServer:
         if self.http is not None:
             await self.http.start(self.fleet)
         await self._set_health(True)
-        for name, body in (("gauges", self._gauges), ("health", self._watch_health), ("adapter folder", self._watch_folder)):
-            self._tasks.append(asyncio.create_task(self._supervise(name, body, 0.5)))
+        self._restarts = [0] * len(self.replicas)
+        for name, body, interval in (("gauges", self._gauges, 0.5), ("health", self._watch_health, 0.1),
+                                     ("adapter folder", self._watch_folder, 0.5), ("replicas", self._watch_replicas, 0.1)):
+            self._tasks.append(asyncio.create_task(self._supervise(name, body, interval)))
 
     def _bind(self) -> int:
         address = f"{self.cfg.host}:{self.cfg.port}"
@@ -426,18 +462,62 @@ class LoraFleetServer:
         return port
 
     def _build_engines(self) -> None:
+        try:
+            for _ in range(self.cfg.replicas):
+                self.engines.append(self._build_engine())
+        except BaseException:
+            self._shutdown_engines()
+            raise
+
+    def _build_engine(self) -> Engine:
         from ..worker.executor import RayWorkerGroup
 
         cfg = self.cfg.engine
         use_ray = cfg.tp > 1 or self.cfg.replicas > 1 or cfg.ray_address is not None
         cpus = max(0.1, min(1.0, (os.cpu_count() or 1) / (cfg.tp * self.cfg.replicas)))
+        executor = RayWorkerGroup(cfg.worker_config(), cfg.tp, cfg.ray_address, cpus_per_rank=cpus) if use_ray else None
+        return Engine(cfg, executor, self.page_plan)
+
+    # ------------------------------------------------------------- supervision
+
+    async def _watch_replicas(self) -> None:
+        """Starts rebuilding each failed replica, at most --max-restarts times."""
+        for handle in self.handles:
+            i = handle.index
+            if handle.snapshot.healthy or i in self._restarting or self.fleet.draining:
+                continue
+            if self._restarts[i] >= self.cfg.max_restarts:
+                continue  # given up: it stays NOT_SERVING, the others serve
+            self._restarting[i] = asyncio.create_task(self._restart(i))
+            self._restarting[i].add_done_callback(lambda _t, i=i: self._restarting.pop(i, None))
+
+    async def _restart(self, i: int) -> None:
+        """Releases the failed replica's workers and placement group, then builds a new group (empty pool
+        and host memory; adapters come back on demand), after a backoff of 1, 2, 4 ... 30 s."""
+        handle, old = self.handles[i], self.replicas[i]
+        self._restarts[i] += 1
+        started = time.monotonic()
+        await asyncio.to_thread(self._retire, old)
+        await asyncio.sleep(min(30.0, 2.0 ** (self._restarts[i] - 1)))
         try:
-            for _ in range(self.cfg.replicas):
-                executor = RayWorkerGroup(cfg.worker_config(), cfg.tp, cfg.ray_address, cpus_per_rank=cpus) if use_ray else None
-                self.engines.append(Engine(cfg, executor, self.page_plan))
-        except BaseException:
-            self._shutdown_engines()
-            raise
+            engine = await asyncio.to_thread(self._build_engine)
+        except Exception:
+            log.exception("replica %d: rebuilding it failed (try %d of %d)", i, self._restarts[i], self.cfg.max_restarts)
+            return  # still unhealthy: the next round tries again, within --max-restarts
+        adopt = getattr(engine.executor, "adopt_ray", None)
+        if adopt is not None and hasattr(old.engine.executor, "adopt_ray"):
+            adopt(old.engine.executor)  # whoever started the embedded Ray, the live group stops it at the end
+        replica = Replica(i, engine)
+        self.replicas[i], self.engines[i] = replica, engine
+        handle.replace(replica)
+        replica.start()
+        log.info("replica %d is serving again, %.1f s after its failure was handled", i, time.monotonic() - started)
+
+    @staticmethod
+    def _retire(replica: Replica) -> None:
+        replica.engine.executor.abort()
+        replica.stop(timeout=5.0)  # a thread stuck in a local step is left behind (daemon)
+        replica.engine.shutdown(stop_ray=False)
 
     # ------------------------------------------------------------- background tasks
 
@@ -480,17 +560,24 @@ class LoraFleetServer:
                            "metrics_port": self.metrics_port, "tp": self.cfg.engine.tp, "replicas": self.cfg.replicas})
 
     async def stop(self) -> None:
-        """Stops accepting, lets in-flight requests finish within the grace period, then stops the workers."""
+        """Graceful drain: health NOT_SERVING and new requests refused; running requests get
+        --shutdown-grace to finish, the rest end with UNAVAILABLE; then the workers stop."""
         if self.server is None:
             return
         if hasattr(self, "fleet"):
             self.fleet.draining = True
         await self.health.enter_graceful_shutdown()
-        await asyncio.gather(self.server.stop(self.cfg.shutdown_grace),
+        deadline = time.monotonic() + self.cfg.shutdown_grace
+        while any(h.in_flight for h in self.handles) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for handle in self.handles:
+            handle.fail_all("the server is shutting down; retry on another replica")
+        await asyncio.gather(self.server.stop(1.0),  # the streams just ended send their status
                              self.http.stop() if self.http is not None else asyncio.sleep(0))
         self._stopped.set()
-        for task in self._tasks:
-            await task
+        for task in self._restarting.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._restarting.values(), return_exceptions=True)
         for replica in self.replicas:
             replica.stop()
         await asyncio.to_thread(self._shutdown_engines)
@@ -498,7 +585,8 @@ class LoraFleetServer:
         self.server = None
 
     def _shutdown_engines(self) -> None:
-        for engine in reversed(self.engines):  # the first started Ray; it stops last
+        # the group that started the embedded Ray (the first, or the one that took over from it) stops last
+        for engine in sorted(self.engines, key=lambda e: getattr(e.executor, "_owns_ray", False)):
             engine.shutdown()
         self.engines = []
 

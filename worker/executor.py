@@ -19,17 +19,32 @@ from .worker import Worker, check_divisible
 log = logging.getLogger(__name__)
 
 
+class WorkerDied(RuntimeError):
+    """A rank's process is gone (killed, crashed, its node lost)."""
+
+
+class StepTimeout(TimeoutError):
+    """A call on the ranks did not return in time (a hung collective, a stuck device)."""
+
+
 class LocalExecutor:
-    """A replica of one rank, in this process."""
+    """A replica of one rank, in this process. A call that hangs cannot be cut short here: the
+    replica's watchdog notices it and the replica is rebuilt beside it."""
 
     def __init__(self, cfg: WorkerConfig):
         self.tp = 1
         self.worker = Worker(cfg)
 
-    def call_all(self, method: str, *args) -> list:
+    def call_all(self, method: str, *args, timeout: float | None = None) -> list:
         return [getattr(self.worker, method)(*args)]
 
-    def shutdown(self) -> None:
+    def dead_ranks(self) -> list[int]:
+        return []
+
+    def abort(self) -> None:
+        pass
+
+    def shutdown(self, stop_ray: bool = True) -> None:
         self.worker = None
 
 
@@ -70,6 +85,10 @@ class WorkerActor:
             torch.cuda.set_device(0)  # Ray gives each actor one visible GPU
         self.worker = Worker(self.cfg, Shard(self.rank, self.size), Comm(self.rank, self.size))
 
+    def ping(self) -> int:
+        """Answers at once (the actor's third concurrency slot): the watchdog's proof of life; the pid."""
+        return os.getpid()
+
     def call(self, method: str, *args):
         import torch
 
@@ -98,6 +117,7 @@ class RayWorkerGroup:
 
         check_divisible(ModelConfig.from_dir(cfg.model_dir), tp)  # before starting anything
         self.tp = tp
+        self._pings: dict = {}  # rank -> the ping in flight (dead_ranks)
         self._owns_ray = False
         self._store_dir = None
         self._ray_dir = None
@@ -129,7 +149,7 @@ class RayWorkerGroup:
         env = {"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}} if ray_address is None else None
         self.actors = [
             actor_cls.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), runtime_env=env, max_concurrency=2,
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), runtime_env=env, max_concurrency=3,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
             ).remote(cfg, rank, tp, threads)
             for rank in range(tp)
@@ -145,10 +165,52 @@ class RayWorkerGroup:
             self.shutdown()
             raise
 
-    def call_all(self, method: str, *args) -> list:
-        return self._ray.get([a.call.remote(method, *args) for a in self.actors])
+    def call_all(self, method: str, *args, timeout: float | None = None) -> list:
+        """method(*args) on every rank; raises WorkerDied or StepTimeout (never a Ray dump)."""
+        ray = self._ray
+        try:
+            return ray.get([a.call.remote(method, *args) for a in self.actors], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise StepTimeout(f"{method} did not return within {timeout:g} s") from None
+        except ray.exceptions.RayActorError:
+            raise WorkerDied(f"a worker process died during {method}") from None
 
-    def shutdown(self) -> None:
+    def dead_ranks(self) -> list[int]:
+        """Ranks whose process is gone, from pings that never wait behind a step; no waiting here."""
+        ray = self._ray
+        dead = []
+        for rank, actor in enumerate(self.actors):
+            ref = self._pings.get(rank)
+            if ref is None:
+                self._pings[rank] = actor.ping.remote()
+                continue
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                continue  # still on its way: alive and busy, or not known dead yet
+            try:
+                ray.get(ref)
+                del self._pings[rank]
+            except ray.exceptions.RayActorError:
+                dead.append(rank)
+        return dead
+
+    def pids(self) -> list[int]:
+        return self._ray.get([a.ping.remote() for a in self.actors], timeout=30)
+
+    def abort(self) -> None:
+        """Kills every rank now, so that a call stuck in a collective returns (with WorkerDied)."""
+        for a in self.actors:
+            try:
+                self._ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+
+    def adopt_ray(self, other: "RayWorkerGroup") -> None:
+        """Takes over stopping the embedded Ray that `other` started (a rebuilt replica replaces it)."""
+        self._owns_ray, self._ray_dir = other._owns_ray, other._ray_dir
+        other._owns_ray, other._ray_dir = False, None
+
+    def shutdown(self, stop_ray: bool = True) -> None:
         ray = self._ray if hasattr(self, "_ray") else None
         if ray is None:
             return
@@ -164,7 +226,7 @@ class RayWorkerGroup:
 
             remove_placement_group(self.pg)
             self.pg = None
-        if self._owns_ray:
+        if self._owns_ray and stop_ray:
             ray.shutdown()
             self._owns_ray = False
             if self._ray_dir:
