@@ -71,6 +71,7 @@ class BenchConfig:
     out: str
     adapter_counts: tuple[int, ...] = (1, 10, 100, 1000)
     systems: tuple[str, ...] = ("lorafleet", "ceiling", "peft", "separate")  # which servers run
+    dtype: str = "float32"  # both sides: lorafleet's default is auto (bfloat16 on this CPU), PEFT's float32
     separate_counts: tuple[int, ...] = (100, 1000)  # n for the separate-pools ablation
     rate: float = 10.0  # mean arrivals per second: above what any system here serves on CPU (about 6 at most)
     duration: float = 90.0  # each load test: no request sent, and outstanding ones cancelled, after this
@@ -243,7 +244,7 @@ def lorafleet_cmd(cfg: BenchConfig, adapters: Path | None, separate: bool) -> li
     ablation = [sys.executable, str(REPO / "bench" / "ablations.py"), "--separate-pools", str(cfg.separate_fraction)]
     cmd = (ablation if separate else [str(BIN / "lorafleet")]) + [
         "serve", "--model", cfg.model, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-        "--pool-bytes", cfg.pool_bytes, "--max-num-seqs", str(cfg.max_num_seqs)]
+        "--pool-bytes", cfg.pool_bytes, "--max-num-seqs", str(cfg.max_num_seqs), "--dtype", cfg.dtype]
     if adapters is not None:
         cmd += ["--adapters", str(adapters)]
     return cmd
@@ -252,7 +253,7 @@ def lorafleet_cmd(cfg: BenchConfig, adapters: Path | None, separate: bool) -> li
 def peft_cmd(cfg: BenchConfig, adapters: Path) -> list[str]:
     return [sys.executable, str(REPO / "bench" / "peft_server.py"), "--model", cfg.model, "--adapters", str(adapters),
             "--host", "127.0.0.1", "--port", "0", "--batch", str(cfg.max_num_seqs),
-            "--max-loaded", str(cfg.peft_max_loaded)]
+            "--max-loaded", str(cfg.peft_max_loaded), "--dtype", cfg.dtype]
 
 
 class MetricsSampler:
@@ -555,7 +556,7 @@ def markdown(cfg: BenchConfig, phases: list[Phase], ratio_rows: list[dict], meta
         "",
         f"Run finished {meta['finished']} on {meta['cpus']} CPU cores (no GPU), {meta['total_s'] / 60:.0f} min: "
         f"`{meta['command']}`.",
-        f"Model `{Path(cfg.model).name}` (float32), each server with {cfg.threads} torch thread(s). Adapters: ranks "
+        f"Model `{Path(cfg.model).name}` ({cfg.dtype}), each server with {cfg.threads} torch thread(s). Adapters: ranks "
         f"{'/'.join(map(str, RANKS))} alternating, on {'/'.join(t[0] for t in TARGETS)} (S-LoRA S1/S2 style), PEFT format.",
         f"Workload (S-LoRA synthetic, seed {cfg.seed}): {cfg.requests} requests at {cfg.rate:g}/s (Gamma, cv {cfg.cv:g}), "
         f"adapter popularity alpha {cfg.alpha:g} (1 = uniform), prompts {cfg.input_range[0]}-{cfg.input_range[1]} "
@@ -699,6 +700,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                    help="n for the separate-pools ablation (empty: none)")
     p.add_argument("--systems", type=systems, default=d["systems"].default, metavar="S,S,...",
                    help="which servers to run: lorafleet, ceiling, peft, separate (default all)")
+    p.add_argument("--dtype", default=d["dtype"].default, choices=["float32", "bfloat16", "float16"],
+                   help="of both servers (the same on both sides)")
     p.add_argument("--rate", type=float, default=d["rate"].default, help="arrivals per second")
     p.add_argument("--duration", type=float, default=d["duration"].default, help="seconds per load test")
     p.add_argument("--cv", type=float, default=d["cv"].default, help="coefficient of variation of arrival gaps")

@@ -29,7 +29,7 @@ PROMPT = dict(adapter_id="r8_k", prompt_token_ids=[5, 9, 14, 3], max_new_tokens=
 
 @contextlib.asynccontextmanager
 async def served(model, root, replicas=1, grace=1.0, max_restarts=5, **engine):
-    cfg = EngineConfig(str(model), str(root), pool_bytes=4 * 2**20, **engine)
+    cfg = EngineConfig(str(model), str(root), dtype="float32", pool_bytes=4 * 2**20, **engine)
     server = LoraFleetServer(ServerConfig(cfg, replicas=replicas, port=0, metrics_port=None, shutdown_grace=grace,
                                           max_restarts=max_restarts))
     await server.start()

@@ -86,7 +86,7 @@ class Served:
 
 
 def config(model, root, token_file=None, **engine) -> ServerConfig:
-    return ServerConfig(EngineConfig(str(model), str(root), pool_bytes=4 * 2**20, **engine), port=0, metrics_port=0,
+    return ServerConfig(EngineConfig(str(model), str(root), dtype="float32", pool_bytes=4 * 2**20, **engine), port=0, metrics_port=0,
                         http_port=0, api_key=KEY, served_model_name=BASE, admin_token_file=token_file,
                         shutdown_grace=1.0)
 
