@@ -40,6 +40,8 @@ def group(name: str) -> str:
         return "replica thread (scheduler + steps)"
     if name.startswith("adapter-loader"):
         return "adapter loader"
+    if name.startswith("watchdog-"):
+        return "watchdog"
     return "front end and the rest (asyncio loop, gRPC, metrics)"
 
 

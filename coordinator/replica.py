@@ -9,6 +9,7 @@ Adapter reads run on a loader thread; a request whose adapter is not read yet wa
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import itertools
 import logging
@@ -60,6 +61,14 @@ def describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__} in a step"
 
 
+def name_os_thread(name: str) -> None:
+    """Gives the calling thread its name in the OS too (top -H, /proc/PID/task/*/comm; 15 characters)."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME, Linux only
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass(frozen=True)
 class _ReadDone:
     """The loader thread's report: every rank read the adapter, or one refused it."""
@@ -92,7 +101,8 @@ class Replica:
         self._unloads: dict[str, _Unload] = {}
         self._views: dict[str, AdapterView] = {}
         self._reading = False
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix=f"adapter-loader-{index}")
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix=f"adapter-loader-{index}",
+                                          initializer=name_os_thread, initargs=(f"adapter-loader{index}",))
         self._thread = threading.Thread(target=self._run, name=f"replica-{index}", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name=f"replica-{index}-watchdog", daemon=True)
         self._stopped = threading.Event()
@@ -133,6 +143,7 @@ class Replica:
     def _watch(self) -> None:
         """The watchdog: a dead rank, or a step past --step-timeout, fails the replica within a second,
         busy or idle."""
+        name_os_thread(f"watchdog-{self.index}")
         timeout = self.engine.cfg.step_timeout
         while not self._stopped.wait(self.watch_interval):
             if self.error is not None:
@@ -153,6 +164,7 @@ class Replica:
     # ------------------------------------------------------------- the replica's thread
 
     def _run(self) -> None:
+        name_os_thread(f"replica-{self.index}")
         while self.run_once(block=True):
             pass
 
