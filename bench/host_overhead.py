@@ -19,7 +19,7 @@ import torch
 from lorafleet.coordinator.pages import PagePlan
 from lorafleet.coordinator.scheduler import Scheduler, SchedulerConfig
 from lorafleet.coordinator.sequence import Request
-from lorafleet.worker.batch import forward_batch
+from lorafleet.worker.batch import PageRows, forward_batch
 from lorafleet.worker.config import ModelConfig
 from lorafleet.worker.loader import Shard
 from lorafleet.worker.lora import plan_layout
@@ -44,9 +44,10 @@ def measure(seqs: int, context: int, adapters: int, steps: int) -> dict[str, flo
                       PagePlan(need), eos_ids=(), adapter_pages={n: lay.num_pages for n, lay in layouts.items()})
     for i in range(seqs):
         sched.add(Request(str(i), [7] * context, steps + 2, f"a{i % adapters}", ignore_eos=True))
-    tables = PageTables()
+    tables, rows = PageTables(), PageRows()
     step = sched.schedule()  # the prefill of everyone: not timed
     tables.apply(step)
+    rows.apply(step)
     sched.postprocess([1] * len(step.seqs))
     parts = {"schedule": [], "worker tables": [], "batch metadata": [], "postprocess": []}
     device = torch.device("cpu")
@@ -55,9 +56,10 @@ def measure(seqs: int, context: int, adapters: int, steps: int) -> dict[str, flo
         step = sched.schedule()
         t1 = time.perf_counter()
         tables.apply(step)
+        rows.apply(step)
         t2 = time.perf_counter()
         names = {w.adapter for w in step.seqs}
-        forward_batch(step.seqs, tables.seq_pages, {n: tables.adapter_pages[n] for n in names},
+        forward_batch(step.seqs, rows, {n: tables.adapter_pages[n] for n in names},
                       {n: layouts[n] for n in names}, cfg, shard, device)
         t3 = time.perf_counter()
         sched.postprocess([1] * len(step.seqs))
