@@ -106,7 +106,11 @@ def test_cancel_and_deadline_free_pages(server):
                 got += len(msg.token_ids)
                 if got >= 3:
                     break
-            running = server.metric("lorafleet_pool_pages", use="kv")
+            for _ in range(100):  # the gauges are refreshed twice a second: wait for one that saw the stream
+                running = await asyncio.to_thread(server.metric, "lorafleet_pool_pages", use="kv")
+                if running > 0:
+                    break
+                await asyncio.sleep(0.05)
             call.cancel()
             return running
 
