@@ -108,3 +108,33 @@ def test_prompt_up_to_the_context_is_accepted(tiny_models):
         assert "context of 512" in str(e)
     else:
         raise AssertionError("a request longer than the context was accepted")
+
+
+def test_preempting_a_partly_prefilled_sequence_keeps_outputs_exact(tiny_models, tiny_adapters):
+    """Two streams decode in a pool of 80 pages when a 60-token prompt arrives (budget 16): it is
+    admitted (its pages are free then), but the streams' growth fills the pool before its last
+    chunk, so it is preempted in the middle of its prefill and recomputed from 0 later. Every
+    token equals PEFT's and every page is free at the end."""
+    model = tiny_models["llama_gqa"]
+    rng = random.Random(17)
+    requests = [(None, _prompt(rng, 4), 60), ("r8_k", _prompt(rng, 4), 60), ("r3_attn", _prompt(rng, 60), 5)]
+    join_at = [0, 0, 3]
+    page_bytes = 2 * (2 * 2 * 16) * 4  # layers * (K and V of 2 kv heads of 16) * float32
+    adapter_pages = sum(info.num_pages for name in ("r8_k", "r3_attn")
+                        for info in make_engine(model, adapters_root(tiny_adapters)).read_adapter(name, tiny_adapters[name]))
+    small = make_engine(model, adapters_root(tiny_adapters), pool_bytes=(80 + adapter_pages) * page_bytes,
+                        max_batched_tokens=BUDGET)
+    partial, real = [], small.scheduler._preempt
+
+    def preempt(seq):
+        if 0 < seq.computed < seq.total_len - 1:
+            partial.append(seq.seq_id)
+        real(seq)
+
+    small.scheduler._preempt = preempt
+    got = generate(small, requests, join_at)
+    assert partial, "no sequence was preempted during its prefill"
+    for (adapter, prompt, n), tokens in zip(requests, got):
+        assert tokens == peft_greedy(model, tiny_adapters[adapter] if adapter else None, prompt, n)
+    assert small.scheduler.plan.kv_pages == 0
+    small.scheduler.plan.check()
