@@ -118,7 +118,7 @@ class Scheduler:
             page = self._page_for_decode(seq)
             if page is None:
                 continue  # seq itself was preempted
-            scheduled.append((seq, SeqWork(seq.seq_id, [seq.tokens[-1]], seq.total_len - 1, [page], seq.adapter)))
+            scheduled.append((seq, SeqWork(seq.seq_id, [seq.last_token], seq.total_len - 1, [page], seq.adapter)))
         budget = self.cfg.max_batched_tokens - len(scheduled)
         admit = True
         for seq in list(self.running):

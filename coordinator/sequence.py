@@ -46,6 +46,11 @@ class Sequence:
         return self.request.prompt_ids + self.output_ids
 
     @property
+    def last_token(self) -> int:
+        """The token a decode step runs (O(1): `tokens` copies the whole sequence)."""
+        return self.output_ids[-1] if self.output_ids else self.request.prompt_ids[-1]
+
+    @property
     def adapter(self) -> str | None:
         return self.request.adapter
 

@@ -9,12 +9,60 @@ from .lora import GROUPS, ROW_PARALLEL, AdapterLayout, shard_dims
 from .config import ModelConfig
 from .loader import Shard
 from .model import ForwardBatch
-from .step import SeqWork
+from .step import SeqWork, Step
 
 
-def forward_batch(seqs: list[SeqWork], page_tables: dict[int, list[int]], adapter_pages: dict[str, list[int]],
+class PageRows:
+    """Every running sequence's KV page list as a row of one int64 tensor, kept across steps: a Step
+    adds its new pages in one scatter (O(new tokens)), and a batch gathers its rows in one copy, so the
+    host work of a step does not grow with the context in Python."""
+
+    def __init__(self, rows: int = 16, cols: int = 256):
+        self.table = torch.zeros((rows, cols), dtype=torch.int64)
+        self.slot: dict[int, int] = {}  # seq_id -> row
+        self.free: list[int] = list(range(rows - 1, -1, -1))
+
+    def apply(self, step: Step) -> None:
+        """After PageTables.apply has checked the Step."""
+        for seq_id in step.finished:
+            row = self.slot.pop(seq_id, None)
+            if row is not None:
+                self.free.append(row)
+        rows, cols, pages = [], [], []
+        for w in step.seqs:
+            if w.start == 0 and w.seq_id not in self.slot:
+                self.slot[w.seq_id] = self._row()
+            rows += [self.slot[w.seq_id]] * len(w.new_pages)
+            cols += range(w.start, w.start + len(w.new_pages))
+            pages += w.new_pages
+        if pages:
+            self._fit(max(cols) + 1)
+            self.table[torch.tensor(rows), torch.tensor(cols)] = torch.tensor(pages, dtype=torch.int64)
+
+    def gather(self, seq_ids: list[int], width: int, device) -> torch.Tensor:
+        """(len(seq_ids), width): each sequence's pages, then whatever the row held (never read: positions
+        past its context)."""
+        index = torch.tensor([self.slot[s] for s in seq_ids])
+        return self.table[:, :width].index_select(0, index).to(device)
+
+    def _row(self) -> int:
+        if not self.free:  # twice the rows
+            grown = torch.zeros((2 * self.table.shape[0], self.table.shape[1]), dtype=torch.int64)
+            grown[: self.table.shape[0]] = self.table
+            self.free = list(range(grown.shape[0] - 1, self.table.shape[0] - 1, -1))
+            self.table = grown
+        return self.free.pop()
+
+    def _fit(self, cols: int) -> None:
+        if cols > self.table.shape[1]:
+            grown = torch.zeros((self.table.shape[0], max(cols, 2 * self.table.shape[1])), dtype=torch.int64)
+            grown[:, : self.table.shape[1]] = self.table
+            self.table = grown
+
+
+def forward_batch(seqs: list[SeqWork], page_rows: PageRows, adapter_pages: dict[str, list[int]],
                   layouts: dict[str, AdapterLayout], cfg: ModelConfig, shard: Shard, device) -> ForwardBatch:
-    """page_tables[seq_id] already includes this step's new pages."""
+    """page_rows already holds this step's new pages."""
     ids, positions, slots = [], [], []
     query_start, context_lens = [0], []
     for w in seqs:
@@ -23,12 +71,11 @@ def forward_batch(seqs: list[SeqWork], page_tables: dict[int, list[int]], adapte
         slots += w.new_pages
         query_start.append(len(ids))
         context_lens.append(w.start + len(w.token_ids))
-    width = max(context_lens)
-    table = [page_tables[w.seq_id] + [0] * (width - len(page_tables[w.seq_id])) for w in seqs]
+    table = page_rows.gather([w.seq_id for w in seqs], max(context_lens), device)
     decode = [i for i, w in enumerate(seqs) if len(w.token_ids) == 1]
     as_long = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
     attention = AttentionBatch(
-        query_start=as_long(query_start), context_lens=as_long(context_lens), page_table=as_long(table),
+        query_start=as_long(query_start), context_lens=as_long(context_lens), page_table=table,
         slots=as_long(slots), decode_rows=as_long(decode),
         prefill_rows=[i for i, w in enumerate(seqs) if len(w.token_ids) != 1],
         query_start_list=query_start, context_lens_list=context_lens,

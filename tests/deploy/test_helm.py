@@ -256,7 +256,8 @@ def test_services_have_named_ports_that_select_the_coordinator(rendered):
     docs = rendered["values-tp4x2.yaml"]
     pod_labels = one(docs, "Deployment", "-coordinator")["spec"]["template"]["metadata"]["labels"]
     container = coordinator(docs)
-    for suffix, port_name in (("-grpc", "grpc"), ("-metrics", "metrics")):
+    assert "--http-port=8000" in serve_args(container)  # the OpenAI-compatible API beside gRPC
+    for suffix, port_name in (("-grpc", "grpc"), ("-http", "http"), ("-metrics", "metrics")):
         service = one(docs, "Service", suffix)
         (port,) = service["spec"]["ports"]
         assert port["name"] == port["targetPort"] == port_name
@@ -267,6 +268,13 @@ def test_services_have_named_ports_that_select_the_coordinator(rendered):
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
     assert not [d for d in rendered["values-tp1.yaml"] if d["kind"] == "ServiceMonitor"]
+
+
+def test_the_http_api_can_be_turned_off():
+    docs = render("values-tp1.yaml", "service.httpPort=0")
+    assert "--http-port=-1" in serve_args(coordinator(docs))
+    assert not [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-http")]
+    assert "http" not in {p["name"] for p in coordinator(docs)["ports"]}
 
 
 def test_disruption_budget_covers_the_ray_workers(rendered):

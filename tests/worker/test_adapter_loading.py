@@ -210,3 +210,4 @@ def test_host_memory_is_least_recently_used_out(tiny_models, same_size_adapters)
     assert generate(engine, [("s1", [5, 6, 7], 3)]) == [peft_greedy(model, same_size_adapters / "s1", [5, 6, 7], 3)]
     assert engine.adapters.host_bytes <= 2 * size + size // 2
     engine.shutdown()
+

@@ -1,0 +1,94 @@
+"""Host work of one step, with no model: schedule() + the Step + the worker's page tables and batch
+metadata (forward_batch) + postprocess(), at GPU-scale shapes. A GPU step takes 10-30 ms, so this
+work must stay small and flat in context length (issue 16's target: under 2 ms on one core at 256
+sequences x 4096 tokens).
+
+    .venv/bin/python bench/host_overhead.py [--seqs 256] [--contexts 512,1024,2048,4096] [--adapters 128]
+
+It prints the median ms per decode step and its parts, for each context length.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from lorafleet.coordinator.pages import PagePlan
+from lorafleet.coordinator.scheduler import Scheduler, SchedulerConfig
+from lorafleet.coordinator.sequence import Request
+from lorafleet.worker.batch import PageRows, forward_batch
+from lorafleet.worker.config import ModelConfig
+from lorafleet.worker.loader import Shard
+from lorafleet.worker.lora import plan_layout
+from lorafleet.worker.step import PageTables
+
+# Llama-2-7B's shapes: what a GPU replica would serve
+LLAMA_7B = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                       num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position=8192,
+                       tie_embeddings=False, qkv_bias=False)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def measure(seqs: int, context: int, adapters: int, steps: int) -> dict[str, float]:
+    cfg, shard = LLAMA_7B, Shard()
+    page_dim = 2 * cfg.kv_size
+    layouts = {}
+    for a in range(adapters):
+        r = (8, 16, 32, 64)[a % 4]
+        layouts[f"a{a}"] = plan_layout({t: r for t in TARGETS}, {t: 2.0 for t in TARGETS}, cfg, shard, page_dim)
+    need = seqs * (context + steps + 2) + sum(lay.num_pages for lay in layouts.values())
+    sched = Scheduler(SchedulerConfig(max_num_seqs=seqs, max_batched_tokens=seqs * context + seqs, max_model_len=context + steps + 4),
+                      PagePlan(need), eos_ids=(), adapter_pages={n: lay.num_pages for n, lay in layouts.items()})
+    for i in range(seqs):
+        sched.add(Request(str(i), [7] * context, steps + 2, f"a{i % adapters}", ignore_eos=True))
+    tables, rows = PageTables(), PageRows()
+    step = sched.schedule()  # the prefill of everyone: not timed
+    tables.apply(step)
+    rows.apply(step)
+    sched.postprocess([1] * len(step.seqs))
+    parts = {"schedule": [], "worker tables": [], "batch metadata": [], "postprocess": []}
+    device = torch.device("cpu")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step = sched.schedule()
+        t1 = time.perf_counter()
+        tables.apply(step)
+        rows.apply(step)
+        t2 = time.perf_counter()
+        names = {w.adapter for w in step.seqs}
+        forward_batch(step.seqs, rows, {n: tables.adapter_pages[n] for n in names},
+                      {n: layouts[n] for n in names}, cfg, shard, device)
+        t3 = time.perf_counter()
+        sched.postprocess([1] * len(step.seqs))
+        t4 = time.perf_counter()
+        for key, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            parts[key].append(seconds * 1e3)
+    result = {k: statistics.median(v) for k, v in parts.items()}
+    result["total"] = sum(result.values())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", type=int, default=256)
+    p.add_argument("--contexts", default="512,1024,2048,4096")
+    p.add_argument("--adapters", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    print(f"host work per decode step, {args.seqs} sequences, {args.adapters} distinct adapters, Llama-2-7B shapes, "
+          f"1 thread; medians of {args.steps} steps (ms)")
+    header = ["context", "schedule", "worker tables", "batch metadata", "postprocess", "total"]
+    print("  ".join(f"{h:>14}" for h in header))
+    for context in contexts:
+        r = measure(args.seqs, context, args.adapters, args.steps)
+        print("  ".join([f"{context:>14}"] + [f"{r[h]:>14.2f}" for h in header[1:]]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The worker's page rows: the tensor the attention kernels read, kept across steps."""
+from __future__ import annotations
+
+from lorafleet.worker.batch import PageRows
+from lorafleet.worker.step import PageTables, SeqWork, Step
+
+
+def test_page_rows_follow_the_page_tables():
+    """The tensor rows the attention kernels read hold exactly each running sequence's pages, across
+    starts, continuations, restarts (a preempted sequence recomputed from 0), growth and finished ids."""
+    tables, rows = PageTables(), PageRows(rows=2, cols=4)
+    steps = [
+        Step(seqs=[SeqWork(1, [5, 6, 7], 0, [10, 11, 12]), SeqWork(2, [5], 0, [20])]),
+        Step(seqs=[SeqWork(1, [8], 3, [13]), SeqWork(2, [9], 1, [21]), SeqWork(3, [1, 2], 0, [30, 31])]),
+        Step(seqs=[SeqWork(1, [4], 4, [14]), SeqWork(3, [3], 2, [32])], finished=[2]),
+        Step(seqs=[SeqWork(3, [1, 2, 3, 4, 5], 0, [40, 41, 42, 43, 44]), SeqWork(4, [1], 0, [50])], finished=[1]),
+    ]
+    for step in steps:
+        tables.apply(step)
+        rows.apply(step)
+        ids = sorted(tables.seq_pages)
+        width = max(len(tables.seq_pages[s]) for s in ids)
+        got = rows.gather(ids, width, "cpu")
+        for i, s in enumerate(ids):
+            pages = tables.seq_pages[s]
+            assert got[i, :len(pages)].tolist() == pages
+    assert rows.table.shape[0] >= 3 and rows.table.shape[1] >= 5  # it grew past 2 x 4
