@@ -178,7 +178,9 @@ class Scheduler:
                 return None
             self._preempt(victim)
         seq.computed = start + n
-        return SeqWork(seq.seq_id, seq.tokens[start:start + n], start, pages, seq.adapter)
+        prompt = seq.request.prompt_ids  # a slice of the prompt alone unless the chunk reaches the outputs
+        chunk = prompt[start:start + n] if start + n <= len(prompt) else seq.tokens[start:start + n]
+        return SeqWork(seq.seq_id, chunk, start, pages, seq.adapter)
 
     def _admit(self, seq: Sequence, budget: int, step: Step) -> SeqWork | None:
         """Starts a waiting sequence (from 0) with a first chunk of at most `budget` tokens."""
