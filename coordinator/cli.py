@@ -38,7 +38,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-cache-bytes", type=parse_bytes, default=parse_bytes("2GiB"),
                    help="CPU memory for loaded adapters, least recently used out first")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch at most")
-    p.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens in one step at most")
+    p.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens in one step at most; longer prompts are prefilled in chunks")
     p.add_argument("--step-timeout", type=float, default=60.0,
                    help="seconds one step may take; past it the replica is declared failed (and rebuilt by serve)")
 

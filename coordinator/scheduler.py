@@ -1,10 +1,24 @@
-"""Iteration-level continuous batching with page-budget admission and preemption.
+"""Iteration-level continuous batching with chunked prefill, page-budget admission and preemption.
 
-Each iteration: `schedule()` gives every running sequence one more page (preempting
-the newest running sequence when the pool is full), admits waiting sequences while
-pages and the token budget allow, and returns the Step. `postprocess()` takes the
-sampled tokens back, and finished sequences free their pages at once. Pure Python:
-no torch, no communication.
+Each iteration `schedule()` spends a budget of `max_batched_tokens` tokens, in this order:
+1. decode first: one token for every running sequence whose tokens are all computed but the
+   last (preempting the newest running sequence when the pool is full);
+2. then the running sequences whose prefill is in progress, oldest first, continue with a
+   chunk of at most the remaining budget;
+3. then waiting sequences are admitted, first come first served, each with a first chunk of at
+   most the remaining budget, while pages, the budget and max_num_seqs allow.
+So a long prompt is prefilled over several steps and never stops the running streams, and
+`max_batched_tokens` bounds the tokens of a step, not the length of a prompt.
+
+Pages: a sequence holds one page per token computed so far, plus those of this step's chunk;
+admission asks that the sequence's remaining tokens (and a decode page for each running
+sequence) are free now, and `add` refuses a request that could never fit the pool or the
+context. A chunk that cannot get its pages is skipped for this step (and no one is admitted
+after it). Preemption drops a sequence's pages, prefilled in part or not, and recomputes it from 0.
+
+`postprocess()` takes the sampled tokens back: only the chunk that computes a sequence's last
+token makes an output; the token the worker sampled for an earlier chunk is dropped. Finished
+sequences free their pages at once. Pure Python: no torch, no communication.
 """
 from __future__ import annotations
 
@@ -51,7 +65,7 @@ class Scheduler:
     running: list[Sequence] = field(default_factory=list)  # in admission order
     _finished_ids: list[int] = field(default_factory=list)
     _evicted: list[str] = field(default_factory=list)
-    _scheduled: list[Sequence] = field(default_factory=list)
+    _scheduled: list[tuple[Sequence, bool]] = field(default_factory=list)  # this step's sequences; True: it samples
     _next_id: int = 0
     preemptions: int = 0  # since start, for metrics and tests
 
@@ -69,10 +83,6 @@ class Scheduler:
             raise RequestTooLarge(
                 f"the request needs {need} KV pages + {adapter_need} adapter pages, the pool has only "
                 f"{plan.num_pages}; lower max_new_tokens or raise --pool-bytes")
-        if len(request.prompt_ids) > self.cfg.max_batched_tokens:
-            raise RequestTooLarge(
-                f"the prompt has {len(request.prompt_ids)} tokens, more than max_batched_tokens "
-                f"({self.cfg.max_batched_tokens}) can run in one step")
         seq = Sequence(self._next_id, request)
         self._next_id += 1
         self.waiting.append(seq)
@@ -103,14 +113,27 @@ class Scheduler:
         step = Step()
         scheduled: list[tuple[Sequence, SeqWork]] = []
         for seq in list(self.running):
-            if seq.status != Status.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status != Status.RUNNING or seq.computed < seq.total_len - 1:
+                continue  # preempted earlier in this loop, or its prefill is in progress
             page = self._page_for_decode(seq)
             if page is None:
                 continue  # seq itself was preempted
             scheduled.append((seq, SeqWork(seq.seq_id, [seq.last_token], seq.total_len - 1, [page], seq.adapter)))
         budget = self.cfg.max_batched_tokens - len(scheduled)
-        while self.waiting and len(self.running) < self.cfg.max_num_seqs:
+        admit = True
+        for seq in list(self.running):
+            if seq.status != Status.RUNNING or seq.computed >= seq.total_len - 1:
+                continue  # preempted while its chunk's pages were found, or scheduled above
+            if budget <= 0:
+                admit = False
+                break
+            work = self._continue(seq, budget, {s.seq_id for s, _ in scheduled})
+            if work is None:
+                admit = False  # first come first served: no one overtakes a prefill in progress
+                break
+            budget -= len(work.token_ids)
+            scheduled.append((seq, work))
+        while admit and budget > 0 and self.waiting and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             work = self._admit(seq, budget, step)
             if work is None:
@@ -119,7 +142,7 @@ class Scheduler:
             budget -= len(work.token_ids)
             scheduled.append((seq, work))
         scheduled.sort(key=lambda sw: (sw[0].adapter or "", sw[0].seq_id))  # one run of tokens per adapter
-        self._scheduled = [s for s, _ in scheduled]
+        self._scheduled = [(s, s.computed == s.total_len) for s, _ in scheduled]
         step.seqs = [w for _, w in scheduled]
         # finished before or preempted during this schedule: the worker forgets them before running
         step.finished, step.evicted_adapters = self._finished_ids, self._evicted
@@ -139,12 +162,31 @@ class Scheduler:
             if victim is seq:
                 return None
 
+    def _continue(self, seq: Sequence, budget: int, scheduled: set[int]) -> SeqWork | None:
+        """The next chunk of a running sequence's prefill, or None if its pages are not free now:
+        idle adapters go first, then the newest running sequences not scheduled in this step."""
+        start = seq.computed
+        n = min(seq.total_len - start, budget)
+        while True:
+            pages = self.plan.grow(seq.seq_id, n)
+            if pages is not None:
+                break
+            if self.plan.eviction_helps(n, 0) and self._evict_adapter():
+                continue
+            victim = self.running[-1]
+            if victim is seq or victim.seq_id in scheduled:
+                return None
+            self._preempt(victim)
+        seq.computed = start + n
+        prompt = seq.request.prompt_ids  # a slice of the prompt alone unless the chunk reaches the outputs
+        chunk = prompt[start:start + n] if start + n <= len(prompt) else seq.tokens[start:start + n]
+        return SeqWork(seq.seq_id, chunk, start, pages, seq.adapter)
+
     def _admit(self, seq: Sequence, budget: int, step: Step) -> SeqWork | None:
+        """Starts a waiting sequence (from 0) with a first chunk of at most `budget` tokens."""
         tokens = seq.tokens
-        if len(tokens) > budget and self.running:
-            return None
         adapter_new = seq.adapter is not None and not self.plan.is_resident(seq.adapter)
-        kv_need = len(tokens) + len(self.running)  # and keep one decode page for each running sequence
+        kv_need = len(tokens) + len(self.running)  # all of it, and keep one decode page for each running sequence
         adapter_need = self.adapter_pages[seq.adapter] if adapter_new else 0
         while not self.plan.fits(kv_need, adapter_need):
             if not (self.plan.eviction_helps(kv_need, adapter_need) and self._evict_adapter(keep=seq.adapter)):
@@ -153,10 +195,11 @@ class Scheduler:
             step.load_adapters[seq.adapter] = self.plan.place_adapter(seq.adapter, self.adapter_pages[seq.adapter])
         if seq.adapter is not None:
             self.plan.use_adapter(seq.adapter)
-        pages = self.plan.grow(seq.seq_id, len(tokens))
-        seq.status, seq.computed = Status.RUNNING, len(tokens)
+        n = min(len(tokens), budget)
+        pages = self.plan.grow(seq.seq_id, n)
+        seq.status, seq.computed = Status.RUNNING, n
         self.running.append(seq)
-        return SeqWork(seq.seq_id, list(tokens), 0, pages, seq.adapter, seq.request.sampling)
+        return SeqWork(seq.seq_id, tokens[:n], 0, pages, seq.adapter, seq.request.sampling)
 
     def _evict_adapter(self, keep: str | None = None) -> bool:
         name = self.plan.evict_idle_adapter(keep)
@@ -190,9 +233,9 @@ class Scheduler:
         if len(tokens) != len(self._scheduled) or (logprobs is not None and len(logprobs) != len(tokens)):
             raise RuntimeError(f"the worker returned {len(tokens)} tokens for {len(self._scheduled)} sequences")
         outputs = []
-        for i, (seq, token) in enumerate(zip(self._scheduled, tokens)):
-            if seq.status != Status.RUNNING:
-                continue  # aborted while the step ran
+        for i, ((seq, samples), token) in enumerate(zip(self._scheduled, tokens)):
+            if seq.status != Status.RUNNING or not samples:
+                continue  # aborted while the step ran, or a chunk before the last of its prefill
             seq.output_ids.append(token)
             reason = self._stop_reason(seq, token)
             if reason:

@@ -38,9 +38,12 @@ class Sampled:
 class SeqWork:
     """One sequence's share of a step.
 
-    token_ids: the tokens to run now: the whole prompt when start == 0, else one token.
+    token_ids: the tokens to run now, at positions start .. start + len - 1: a chunk of the
+        prompt (the whole prompt when it fits the step's token budget), or one token to decode.
+        A chunk attends to the sequence's earlier pages and to itself, causally.
     start: position of token_ids[0]; 0 (re)starts the sequence and drops any pages the
-        worker knew for it (a preempted sequence is recomputed from 0).
+        worker knew for it (a preempted sequence is recomputed from 0); a later chunk of a
+        prefill continues at the number of tokens computed so far.
     new_pages: one KV page per token of token_ids, appended to the sequence's page list.
     adapter: the adapter's name, or None for the base model.
     sampling: sent with start == 0 only; the worker keeps it for later steps.
@@ -56,7 +59,8 @@ class SeqWork:
 
 @dataclass
 class Step:
-    """seqs: every sequence that runs now; rank 0 returns one sampled token per entry, in order.
+    """seqs: every sequence that runs now; rank 0 returns one sampled token per entry, in order
+        (the scheduler drops the token of a chunk that ends before the sequence's last token).
     load_adapters: adapter name -> the pages to write its host copy into before running.
     evicted_adapters: adapters whose pages the scheduler has taken back (host copies stay).
     dropped_adapters: adapters whose host copies the coordinator no longer needs.

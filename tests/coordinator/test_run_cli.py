@@ -56,6 +56,23 @@ def test_jsonl_contract(tiny_models, tiny_adapters, tmp_path):
     assert "lorafleet run" in stderr  # the progress bar and the summary go to stderr
 
 
+def test_prompts_longer_than_max_batched_tokens_run(tiny_models, tiny_adapters, tmp_path):
+    """--max-batched-tokens bounds a step, not a prompt: prompts of 200 and 500 tokens run in
+    chunks of 16 and equal PEFT; only prompt + max_new_tokens beyond the context (512) is refused."""
+    model = tiny_models["llama_gqa"]
+    long, longer = [(7 * i) % 240 + 5 for i in range(200)], [(11 * i) % 240 + 5 for i in range(500)]
+    lines = [{"id": "long", "adapter": "r16_all", "prompt_token_ids": long, "max_new_tokens": 4, "ignore_eos": True},
+             {"id": "short", "prompt_token_ids": [9, 10], "max_new_tokens": 12, "ignore_eos": True},
+             {"id": "longer", "prompt_token_ids": longer, "max_new_tokens": 3, "ignore_eos": True},
+             {"id": "over", "prompt_token_ids": longer, "max_new_tokens": 13, "ignore_eos": True}]
+    results, _ = _run(model, adapters_root(tiny_adapters), lines, tmp_path, "--max-batched-tokens", "16")
+    by_id = {r["id"]: r for r in results}
+    assert by_id["long"]["token_ids"] == peft_greedy(model, tiny_adapters["r16_all"], long, 4)
+    assert by_id["short"]["token_ids"] == peft_greedy(model, None, [9, 10], 12)
+    assert by_id["longer"]["token_ids"] == peft_greedy(model, None, longer, 3)
+    assert "context of 512" in by_id["over"]["error"]
+
+
 @pytest.mark.slow
 def test_tp2_run_equals_tp1(tiny_models, tiny_adapters, tmp_path):
     lines = [line for line in LINES if isinstance(line, dict) and "error" not in line][:5]

@@ -1,4 +1,5 @@
-"""Page accounting under random admit / step / cancel sequences, with preemption (property-based).
+"""Page accounting under random admit / step / cancel sequences, with preemption and prompts
+prefilled in chunks (property-based).
 
 The worker's own page tables (worker.step.PageTables) are rebuilt from the Steps alone, so the
 test also checks that the Step contract keeps every rank's view of the pool equal to the scheduler's.
@@ -34,8 +35,19 @@ def check_consistent(sched: Scheduler, mirror: PageTables, step):
         assert entry.users == sum(1 for s in sched.running if s.adapter == name)
 
 
+def check_chunks(sched: Scheduler, step, max_batched_tokens: int):
+    """Decodes first, then chunks within the budget; each chunk continues where its sequence stands."""
+    decodes = [w for w in step.seqs if w.start > 0 and len(w.token_ids) == 1]
+    assert sum(len(w.token_ids) for w in step.seqs) <= max(max_batched_tokens, len(decodes))
+    for w in step.seqs:
+        seq = next(s for s in sched.running if s.seq_id == w.seq_id)
+        assert seq.computed == w.start + len(w.token_ids) <= seq.total_len
+        assert w.token_ids == seq.tokens[w.start:w.start + len(w.token_ids)]
+    assert len({w.seq_id for w in step.seqs}) == len(step.seqs)
+
+
 op = st.one_of(
-    st.tuples(st.just("add"), st.integers(1, 12), st.integers(1, 10), st.sampled_from([None, "a", "b", "c", "d"])),
+    st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 10), st.sampled_from([None, "a", "b", "c", "d"])),
     st.tuples(st.just("step")),
     st.tuples(st.just("cancel"), st.integers(0, 50)),
 )
@@ -43,14 +55,15 @@ op = st.one_of(
 
 @settings(max_examples=150, deadline=None)
 @given(ops=st.lists(op, min_size=1, max_size=80), num_pages=st.integers(20, 60), seed=st.integers(0, 2**16),
-       adapter_capacity=st.one_of(st.none(), st.integers(8, 16)))
-def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity):
-    """Unified pool, and the separate-pools ablation (adapter_capacity pages for adapters only)."""
+       adapter_capacity=st.one_of(st.none(), st.integers(8, 16)), max_batched_tokens=st.sampled_from([3, 8, 24]))
+def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity, max_batched_tokens):
+    """Unified pool, and the separate-pools ablation (adapter_capacity pages for adapters only);
+    prompts up to 40 tokens with a step budget of 3 to 24 tokens, so most prompts take several chunks."""
     rng = random.Random(seed)
     plan = PagePlan(num_pages) if adapter_capacity is None else SeparatePoolsPlan(num_pages, adapter_capacity_pages=adapter_capacity)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=6, max_batched_tokens=24, max_model_len=64),
+    sched = Scheduler(SchedulerConfig(max_num_seqs=6, max_batched_tokens=max_batched_tokens, max_model_len=64),
                       plan, eos_ids=(EOS,), adapter_pages=dict(ADAPTER_PAGES))
-    mirror, seqs = PageTables(), []
+    mirror, seqs, by_id = PageTables(), [], {}
 
     def run_step():
         step = sched.schedule()
@@ -58,13 +71,17 @@ def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity):
         for name, pages in step.load_adapters.items():
             assert len(pages) == ADAPTER_PAGES[name]
         check_consistent(sched, mirror, step)
-        sched.postprocess([rng.choice([EOS, 1, 2, 3, 4, 5]) for _ in step.seqs])
+        check_chunks(sched, step, max_batched_tokens)
+        final = {w.seq_id for w in step.seqs if w.start + len(w.token_ids) == by_id[w.seq_id].total_len}
+        outputs = sched.postprocess([rng.choice([EOS, 1, 2, 3, 4, 5]) for _ in step.seqs])
+        assert sorted(o.seq.seq_id for o in outputs) == sorted(final)  # no token for a chunk before the last
         sched.plan.check()
 
     for o in ops:
         if o[0] == "add":
             try:
                 seqs.append(sched.add(Request(str(len(seqs)), [7] * o[1], o[2], o[3])))
+                by_id[seqs[-1].seq_id] = seqs[-1]
             except RequestTooLarge:
                 pass
         elif o[0] == "cancel" and seqs:

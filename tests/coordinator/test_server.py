@@ -325,3 +325,40 @@ def test_tls(tiny_models, tmp_path):
         run(go())
     finally:
         assert srv.stop() == 0
+
+
+def test_prompts_up_to_the_context_through_both_front_ends(tiny_models):
+    """--max-batched-tokens 16: a 300-token prompt streams over gRPC while a short one decodes,
+    both equal PEFT; the OpenAI completions API gives the same completion for the long prompt;
+    prompt + max_new_tokens beyond the context (512) is INVALID_ARGUMENT."""
+    import httpx
+    from peers import peft_greedy
+
+    model = tiny_models["llama_gqa"]
+    srv = ServerProcess("--model", str(model), "--pool-bytes", "4MiB", "--dtype", "float32", "--max-batched-tokens", "16",
+                        "--http-port", "0")
+    rng = random.Random(18)
+    long, short = [rng.randrange(8, 250) for _ in range(300)], [5, 6, 7]
+
+    async def go():
+        async with grpc.aio.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.LoraFleetStub(ch)
+            both = await asyncio.gather(_stream(stub, prompt_token_ids=short, max_new_tokens=30, ignore_eos=True),
+                                        _stream(stub, prompt_token_ids=long, max_new_tokens=5, ignore_eos=True))
+            plain = await _stream(stub, prompt_token_ids=long, max_new_tokens=5)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _stream(stub, prompt_token_ids=long + long, max_new_tokens=5)
+            return both, plain, err.value
+
+    try:
+        ((short_tokens, _, _), (long_tokens, _, last)), (_, plain_text, _), err = run(go())
+        assert short_tokens == peft_greedy(model, None, short, 30)
+        assert long_tokens == peft_greedy(model, None, long, 5)
+        assert last.usage.prompt_tokens == 300
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "context of 512" in err.details()
+        reply = httpx.post(f"http://127.0.0.1:{srv.info['http_port']}/v1/completions", timeout=120,
+                           json={"model": model.name, "prompt": long, "max_tokens": 5, "temperature": 0}).json()
+        assert reply["usage"]["prompt_tokens"] == 300
+        assert reply["choices"][0]["text"] == plain_text != ""
+    finally:
+        assert srv.stop() == 0

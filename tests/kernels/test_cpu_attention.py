@@ -18,6 +18,7 @@ STEPS = {
     "prefill": [(70, 70), (40, 23), (2, 2)],  # fresh prompts and a chunk after 17 cached tokens
     "decode": [(5, 1), (1, 1), (37, 1), (9, 1)],  # includes a sequence whose only key is its own
     "mixed": [(9, 1), (70, 30), (33, 1), (3, 3), (1, 1)],
+    "chunks": [(9, 1), (150, 16), (33, 1), (84, 40), (17, 1)],  # chunks after 134 and 44 cached tokens, with decodes
 }
 
 

@@ -22,6 +22,7 @@ STEPS = {
     "prefill": [(TILE + 6, TILE + 6), (40, 23), (2, 2)],  # fresh prompts and a chunk after 17 cached tokens
     "decode": [(5, 1), (1, 1), (37, 1), (9, 1)],  # includes a sequence whose only key is its own
     "mixed": [(9, 1), (TILE + 6, 30), (33, 1), (3, 3), (1, 1)],
+    "chunks": [(9, 1), (2 * TILE + 20, TILE + 5), (33, 1), (84, 40)],  # chunks after cached tokens, over two tiles, with decodes
 }
 
 

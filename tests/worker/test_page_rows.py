@@ -7,13 +7,15 @@ from lorafleet.worker.step import PageTables, SeqWork, Step
 
 def test_page_rows_follow_the_page_tables():
     """The tensor rows the attention kernels read hold exactly each running sequence's pages, across
-    starts, continuations, restarts (a preempted sequence recomputed from 0), growth and finished ids."""
+    starts, continuations (decodes and prefill chunks), restarts (a preempted sequence recomputed from 0), growth and finished ids."""
     tables, rows = PageTables(), PageRows(rows=2, cols=4)
     steps = [
         Step(seqs=[SeqWork(1, [5, 6, 7], 0, [10, 11, 12]), SeqWork(2, [5], 0, [20])]),
         Step(seqs=[SeqWork(1, [8], 3, [13]), SeqWork(2, [9], 1, [21]), SeqWork(3, [1, 2], 0, [30, 31])]),
         Step(seqs=[SeqWork(1, [4], 4, [14]), SeqWork(3, [3], 2, [32])], finished=[2]),
         Step(seqs=[SeqWork(3, [1, 2, 3, 4, 5], 0, [40, 41, 42, 43, 44]), SeqWork(4, [1], 0, [50])], finished=[1]),
+        # chunked prefill: a later chunk of several tokens continues at start > 0, past the columns so far
+        Step(seqs=[SeqWork(4, [2, 3, 4, 5, 6, 7, 8, 9, 10], 1, [51, 52, 53, 54, 55, 56, 57, 58, 59]), SeqWork(3, [6], 5, [45])]),
     ]
     for step in steps:
         tables.apply(step)
@@ -24,4 +26,4 @@ def test_page_rows_follow_the_page_tables():
         for i, s in enumerate(ids):
             pages = tables.seq_pages[s]
             assert got[i, :len(pages)].tolist() == pages
-    assert rows.table.shape[0] >= 3 and rows.table.shape[1] >= 5  # it grew past 2 x 4
+    assert rows.table.shape[0] >= 3 and rows.table.shape[1] >= 10  # it grew past 2 x 4

@@ -62,6 +62,33 @@ def test_tp_equals_tp1_and_peft(tp_setup, tp):
         assert tokens == peft_greedy(model, root / adapter if adapter else None, prompt, n)
 
 
+def test_chunked_prefill_at_tp2_equals_peft(tp_setup):
+    """Prompts of 48 and 35 tokens with max_batched_tokens=16 at tp=2, joining while a stream
+    decodes: prefilled in chunks on both ranks, every token equals PEFT's."""
+    model, root, *_ = tp_setup
+    rng = random.Random(14)
+    requests = [(None, [rng.randrange(8, 250) for _ in range(4)], 16),
+                ("r3_all", [rng.randrange(8, 250) for _ in range(48)], 5),
+                ("r8_attn", [rng.randrange(8, 250) for _ in range(35)], 4)]
+    engine = make_engine(model, root, tp=2, max_batched_tokens=16)
+    steps, real = [], engine.executor.call_all
+
+    def call_all(method, *args, **kw):
+        if method == "execute":
+            steps.append([(w.start, len(w.token_ids)) for w in args[0].seqs])
+        return real(method, *args, **kw)
+
+    engine.executor.call_all = call_all
+    try:
+        got = generate(engine, requests, join_at=[0, 2, 3])
+        assert max(sum(n for _, n in s) for s in steps) <= 16
+        assert any(start > 0 and n > 1 for s in steps for start, n in s), "no prompt was continued in a later chunk"
+    finally:
+        engine.shutdown()
+    for (adapter, prompt, n), tokens in zip(requests, got):
+        assert tokens == peft_greedy(model, root / adapter if adapter else None, prompt, n)
+
+
 def _one_step_counts(engine, adapter, prompt_len):
     from lorafleet.coordinator.sequence import Request
 
