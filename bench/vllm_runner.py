@@ -21,6 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+# Python puts this script's folder first on sys.path; bench/kernels.py would then shadow the `kernels`
+# package that transformers probes for while vLLM imports. Nothing here needs bench/ on the path.
+_HERE = str(Path(__file__).resolve().parent)
+sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _HERE]
+
 
 def machine_busy_seconds() -> float | None:
     """CPU seconds all processes have used since boot (Linux /proc/stat), or None elsewhere."""
