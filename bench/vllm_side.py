@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -139,8 +140,10 @@ def warm_up_requests(requests: list[dict], adapter: str | None) -> list[dict]:
 # ---------------------------------------------------------------- one dtype
 
 
-def run_dtype(cfg: BenchConfig, args, adapters: Path, counts: list[int], repeats: int) -> list[dict]:
-    """Every phase `repeats` times, lorafleet then vLLM; returns one record per timed run."""
+def run_dtype(cfg: BenchConfig, args, adapters: Path, counts: list[int], repeats: int, records: list[dict],
+              on_phase) -> None:
+    """Every phase `repeats` times, lorafleet then vLLM; appends one record per timed run to `records`
+    and calls on_phase() after each phase, so an interrupted run still leaves what it measured."""
     n_max = max(counts, default=0)
     plain = make_requests(replace(cfg, adapters=max(1, n_max)), vocab_size(cfg.model))
     workload = {BASE: without_adapters(plain)}
@@ -149,7 +152,7 @@ def run_dtype(cfg: BenchConfig, args, adapters: Path, counts: list[int], repeats
                                                                          vocab_size(cfg.model))
     max_len = cfg.prompt_len[1] + cfg.output_len[1] + 8
     workdir = Path(cfg.workdir)
-    records, children, engines = [], {}, {}
+    children, engines = {}, {}
     try:
         print(f"[{cfg.dtype}] starting vLLM (LoRA off) ...", file=sys.stderr, flush=True)
         children[BASE] = VllmChild(args.vllm_python, vllm_spec(cfg, None, 0, max_len), workdir,
@@ -183,12 +186,12 @@ def run_dtype(cfg: BenchConfig, args, adapters: Path, counts: list[int], repeats
                                     "others": run.others, "tokens_per_s": run.tokens_per_s, "agreement": agree})
                 print(f"    lorafleet {lf.tokens_per_s:7.1f} tok/s   vLLM {vl.tokens_per_s:7.1f} tok/s   "
                       f"agree {agree['agree']}/{agree['requests']}", file=sys.stderr, flush=True)
+                on_phase()
     finally:
         for engine in engines.values():
             engine.shutdown()
         for child in children.values():
             child.close()
-    return records
 
 
 # ---------------------------------------------------------------- report
@@ -354,8 +357,30 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+def write_report(args, base_cfg: BenchConfig, records: list[dict], command: str, versions: dict,
+                 complete: bool) -> str:
+    summary = summarize(records)
+    text = report_markdown(base_cfg, args, args.counts, args.dtypes, summary, versions, command)
+    if not complete:
+        text += "\nPartial: the run stopped (or is still running) before every phase and repeat was measured.\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    report = {"command": command, "complete": complete, "config": asdict(base_cfg), "counts": args.counts,
+              "dtypes": args.dtypes, "repeats": args.repeats, "threads": args.threads, "kv_gib": args.kv_gib,
+              "versions": versions,
+              "medians": [{"dtype": d, "system": s, "phase": p, **v} for (d, s, p), v in summary["cells"].items()],
+              "ratios": {d: [{"ratio": w, "value": v, "target": t} for w, v, t in ratios(summary, d, args.counts)]
+                         for d in args.dtypes},
+              "runs": records}
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the vLLM children and the engines are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(args.threads)
     base_cfg = BenchConfig(model=args.model, workdir=args.workdir, adapters=max(1, max(args.counts, default=1)),
                            requests=args.requests, prompt_len=args.prompt_len, output_len=args.output_len,
@@ -363,24 +388,15 @@ def main(argv: list[str] | None = None) -> int:
                            max_batched_tokens=args.max_batched_tokens, threads=args.threads, seed=args.seed)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     adapters = adapter_set(base_cfg).make(args.workdir, base_cfg.adapters)
-    records = []
-    for dtype in args.dtypes:
-        records += run_dtype(replace(base_cfg, dtype=dtype), args, adapters, args.counts, args.repeats)
-    summary = summarize(records)
     versions = {"torch (lorafleet)": torch.__version__, **vllm_versions(args.vllm_python)}
     command = " ".join(["bench/vllm_side.py"] + (sys.argv[1:] if argv is None else argv))
-    text = report_markdown(base_cfg, args, args.counts, args.dtypes, summary, versions, command)
+    records: list[dict] = []
+    partial = lambda: write_report(args, base_cfg, records, command, versions, complete=False)  # noqa: E731
+    for dtype in args.dtypes:
+        run_dtype(replace(base_cfg, dtype=dtype), args, adapters, args.counts, args.repeats, records, partial)
+    text = write_report(args, base_cfg, records, command, versions, complete=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text)
-    report = {"command": command, "config": asdict(base_cfg), "counts": args.counts, "dtypes": args.dtypes,
-              "repeats": args.repeats, "threads": args.threads, "kv_gib": args.kv_gib, "versions": versions,
-              "medians": [{"dtype": d, "system": s, "phase": p, **v} for (d, s, p), v in summary["cells"].items()],
-              "ratios": {d: [{"ratio": w, "value": v, "target": t} for w, v, t in ratios(summary, d, args.counts)]
-                         for d in args.dtypes},
-              "runs": records}
-    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    plotted = plot(out / "throughput.png", args.counts, args.dtypes, summary)
+    plotted = plot(out / "throughput.png", args.counts, args.dtypes, summarize(records))
     print(text)
     print(f"written: {out}/results.md, results.json" + (", throughput.png" if plotted else
                                                         " (no plot: matplotlib is not installed here)"))
