@@ -256,7 +256,7 @@ def across_dtypes(lora: dict, attention: dict) -> None:
     """The C kernels in each dtype against float32 C and the torch reference, measured in this run."""
     names = list(lora)
     base = names[0]
-    print(f"\nthe C kernels across dtypes (ratios of medians measured in this run; > 1: the second is faster)")
+    print("\nthe C kernels across dtypes (ratios of medians measured in this run; > 1: the second is faster)")
     header = (f"{'op':>26} | " + " | ".join(f"{'torch ' + n:>15} | {'C ' + n:>12}" for n in names)
               + " | " + " | ".join(f"C {base} / C {n}" for n in names[1:])
               + " | " + " | ".join(f"torch {n} / C {n}" for n in names[1:]))

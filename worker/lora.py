@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.lora import LoraBatch, lora_expand, lora_shrink
-from .adapters import TARGETS, LoraWeights, target_shape
+from .adapters import LoraWeights, target_shape
 from .comm import Comm
 from .config import ModelConfig
 from .loader import Shard
