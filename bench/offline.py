@@ -41,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from adapter_sets import TARGET_SETS, AdapterSet  # noqa: E402  (bench/ is this script's folder)
+from machine import machine_busy_seconds  # noqa: E402
 from peft_baseline import DTYPES, PeftAdapters, load_base  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,16 +105,6 @@ class Run:
 
 
 # ---------------------------------------------------------------- timing
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes have used since boot (Linux), or None elsewhere."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields)
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def own_seconds() -> float:

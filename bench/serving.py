@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 from adapter_sets import TARGET_SETS, AdapterSet  # bench/ is this script's folder
+from machine import machine_busy_seconds
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -134,12 +135,6 @@ def log(message: str) -> None:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds every process has used since boot (Linux /proc/stat)."""
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_seconds(pid: int) -> float:

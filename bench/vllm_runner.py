@@ -21,20 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+from machine import machine_busy_seconds  # imported while bench/ is still on the path
+
 # Python puts this script's folder first on sys.path; bench/kernels.py would then shadow the `kernels`
-# package that transformers probes for while vLLM imports. Nothing here needs bench/ on the path.
+# package that transformers probes for while vLLM imports. Nothing else here needs bench/ on the path.
 _HERE = str(Path(__file__).resolve().parent)
 sys.path[:] = [p for p in sys.path if p and str(Path(p).resolve()) != _HERE]
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes have used since boot (Linux /proc/stat), or None elsewhere."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields)
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def adapter_ids(adapters_dir: str | None) -> dict[str, int]:
