@@ -40,6 +40,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO / "tests") not in sys.path:  # tests/engines.py: record_steps
+    sys.path.insert(0, str(REPO / "tests"))
+from engines import record_steps  # noqa: E402
+
 DEMO_MODEL = REPO / "cache" / "smollm2-135m-instruct"
 ROWS = (16, 64, 128, 256, 512)
 
@@ -200,20 +204,6 @@ def op_timers(engine):
 # ---------------------------------------------------------------- steps of the real engine
 
 
-def capture_steps(engine):
-    """Records each Step the engine sends to its worker (the executor call is unchanged)."""
-    steps = []
-    call_all = engine.executor.call_all
-
-    def recording(method, *args, **kwargs):
-        if method == "execute":
-            steps.append(args[0])
-        return call_all(method, *args, **kwargs)
-
-    engine.executor.call_all = recording
-    return steps
-
-
 def make_engine(model: str, adapters: str | None, dtype: str, max_num_seqs: int, max_batched_tokens: int):
     from lorafleet.coordinator.config import EngineConfig
     from lorafleet.coordinator.engine import Engine
@@ -277,7 +267,7 @@ def measure_steps(engine, cfg, args, names, kind: str) -> dict:
     ranks = adapter_ranks(engine, names)
     add_requests(engine, "warm", args.decode_seqs, 8, 2, names, rng)  # adapters into the pool, code paths warm
     drain(engine)
-    steps = capture_steps(engine)
+    steps = record_steps(engine)
     samples = []
     if kind == "decode":  # one batch: its prefill first, then `repeats` decode steps are measured
         seqs = add_requests(engine, "d", args.decode_seqs, args.decode_context, args.repeats + 1, names, rng)

@@ -48,6 +48,19 @@ def generate(engine: Engine, requests: list[tuple], join_at: list[int] | None = 
     return [s.output_ids for s in seqs]
 
 
+def record_steps(engine: Engine) -> list:
+    """Every Step the engine sends to its workers, in order (wraps the executor's call_all; bench/roofline.py uses it too)."""
+    steps, real = [], engine.executor.call_all
+
+    def call_all(method, *args, **kw):
+        if method == "execute":
+            steps.append(args[0])
+        return real(method, *args, **kw)
+
+    engine.executor.call_all = call_all
+    return steps
+
+
 def adapters_root(adapter_dirs: dict[str, Path]) -> Path:
     """The one folder that holds every fixture adapter."""
     (root,) = {Path(p).parent for p in adapter_dirs.values()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from engines import add, adapters_root, generate, make_engine
+from engines import add, adapters_root, generate, make_engine, record_steps
 from peers import peft_greedy
 
 from lorafleet.coordinator.sequence import Request
@@ -16,19 +16,6 @@ def _prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(3, 250) for _ in range(n)]
 
 
-def _record_steps(engine) -> list:
-    """Every Step the engine sends, in order (wraps the executor's call_all)."""
-    steps, real = [], engine.executor.call_all
-
-    def call_all(method, *args, **kw):
-        if method == "execute":
-            steps.append(args[0])
-        return real(method, *args, **kw)
-
-    engine.executor.call_all = call_all
-    return steps
-
-
 def test_long_prompts_equal_peft_while_others_decode(tiny_models, tiny_adapters):
     """Prompts of 48, 40 and 33 tokens (budget 16) join while short requests decode, with and
     without adapters: every token equals PEFT's, and no step runs more than 16 tokens."""
@@ -38,7 +25,7 @@ def test_long_prompts_equal_peft_while_others_decode(tiny_models, tiny_adapters)
                 ("r3_attn", _prompt(rng, 48), 6), (None, _prompt(rng, 40), 5), ("r8_mlp", _prompt(rng, 33), 4)]
     join_at = [0, 0, 3, 4, 4]
     engine = make_engine(model, adapters_root(tiny_adapters), max_batched_tokens=BUDGET)
-    steps = _record_steps(engine)
+    steps = record_steps(engine)
     got = generate(engine, requests, join_at)
     for (adapter, prompt, n), tokens in zip(requests, got):
         assert tokens == peft_greedy(model, tiny_adapters[adapter] if adapter else None, prompt, n), \
