@@ -122,8 +122,9 @@ class BenchConfig:
 # ---------------------------------------------------------------- adapters
 
 
-def adapter_set(cfg: BenchConfig) -> AdapterSet:
-    return AdapterSet(cfg.model, TARGETS, RANKS, cfg.seed, B_STD, PEFT_MADE)
+def adapter_set(model: str, seed: int) -> AdapterSet:
+    """The serving benchmarks' adapters (this one's and bench/prefix_cache.py's), one cache folder per model and seed."""
+    return AdapterSet(model, TARGETS, RANKS, seed, B_STD, PEFT_MADE)
 
 
 # ---------------------------------------------------------------- machine
@@ -173,7 +174,7 @@ class ChildServer:
     """A server in a child process that prints {"event": "ready", "port": ...} on stdout when it serves.
 
     stderr goes to `log_path`; torch in it uses `threads` threads; stopping is SIGTERM, then SIGKILL
-    after `stop_timeout`.
+    after `stop_timeout`. As a context manager, it is stopped when the block ends.
     """
 
     def __init__(self, cmd: list[str], log_path: Path, threads: int, start_timeout: float, stop_timeout: float = 30.0):
@@ -194,6 +195,12 @@ class ChildServer:
         self.target = f"127.0.0.1:{self.info['port']}"
         self._drain = threading.Thread(target=self._drain_stdout, daemon=True)
         self._drain.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
     def _wait_ready(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -234,15 +241,21 @@ class ChildServer:
         return self.proc.returncode
 
 
-def lorafleet_cmd(cfg: BenchConfig, adapters: Path | None, separate: bool) -> list[str]:
-    """`lorafleet serve`, or the same through bench/ablations.py with separate pools injected."""
-    ablation = [sys.executable, str(REPO / "bench" / "ablations.py"), "--separate-pools", str(cfg.separate_fraction)]
-    cmd = (ablation if separate else [str(BIN / "lorafleet")]) + [
-        "serve", "--model", cfg.model, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-        "--pool-bytes", cfg.pool_bytes, "--max-num-seqs", str(cfg.max_num_seqs), "--dtype", cfg.dtype]
+def serve_cmd(model: str, adapters: Path | None, options: list[str], launcher: list[str] | None = None) -> list[str]:
+    """`lorafleet serve` of `model` (and the `adapters` folder) on 127.0.0.1 with ephemeral gRPC and metrics
+    ports, then `options`; `launcher` replaces the `lorafleet` command (bench/ablations.py with an ablation)."""
+    cmd = (launcher or [str(BIN / "lorafleet")]) + [
+        "serve", "--model", model, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *options]
     if adapters is not None:
         cmd += ["--adapters", str(adapters)]
     return cmd
+
+
+def lorafleet_cmd(cfg: BenchConfig, adapters: Path | None, separate: bool) -> list[str]:
+    """`lorafleet serve`, or the same through bench/ablations.py with separate pools injected."""
+    ablation = [sys.executable, str(REPO / "bench" / "ablations.py"), "--separate-pools", str(cfg.separate_fraction)]
+    return serve_cmd(cfg.model, adapters, ["--pool-bytes", cfg.pool_bytes, "--max-num-seqs", str(cfg.max_num_seqs),
+                                           "--dtype", cfg.dtype], ablation if separate else None)
 
 
 def peft_cmd(cfg: BenchConfig, adapters: Path) -> list[str]:
@@ -751,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_sigterm()
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpus": os.cpu_count(),
             "load_at_start": load_average(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    adapters = adapter_set(cfg).make(cfg.workdir, cfg.max_adapters)
+    adapters = adapter_set(cfg.model, cfg.seed).make(cfg.workdir, cfg.max_adapters)
     meta["adapters_ready_s"] = round(time.monotonic() - started, 1)
     phases = plan_phases(cfg)
     run_phases(cfg, phases, adapters, started)

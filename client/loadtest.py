@@ -10,6 +10,8 @@ Per request it measures, in seconds from the moment the request was sent:
 - TPOT, time per output token: (last token time - first token time) / (output tokens - 1),
   for completed requests with at least two output tokens;
 - end-to-end latency: until the stream closed, for completed requests.
+With `token_times`, each request's record also keeps the arrival time of every output token
+(tokens that came in one message share its time), for inter-token gaps.
 
     report = asyncio.run(run_loadtest(LoadTestConfig("127.0.0.1:50051", SyntheticWorkload(...))))
 """
@@ -35,10 +37,13 @@ _LATENCY_KEYS = ("mean", "p50", "p90", "p99")
 
 @dataclass(frozen=True)
 class LoadTestConfig:
-    """target: HOST:PORT. requests: at most this many are sent. duration: seconds after which no
+    """target: HOST:PORT. workload: a SyntheticWorkload, a TraceWorkload, or any object with their
+    `generate(count, vocab_size) -> list[WorkloadRequest]` (a benchmark's own; a dataclass, so that
+    the report can show it). requests: at most this many are sent. duration: seconds after which no
     request is sent and outstanding ones are cancelled. slo_ttft: seconds; a request meets the SLO
     when its first token arrives within it. vocab_size: for random prompts (None: the server's).
     tls_ca: PEM file of the server's CA (TLS when given). progress: a tqdm bar on stderr.
+    token_times: keep each request's token arrival times in the report's per_request rows.
     """
 
     target: str
@@ -49,12 +54,13 @@ class LoadTestConfig:
     vocab_size: int | None = None
     tls_ca: str | None = None
     progress: bool = True
+    token_times: bool = False
 
     def __post_init__(self):
         if not self.target:
             raise ValueError("target must be HOST:PORT")
-        if not isinstance(self.workload, (SyntheticWorkload, TraceWorkload)):
-            raise ValueError("workload must be a SyntheticWorkload or a TraceWorkload")
+        if not callable(getattr(self.workload, "generate", None)):
+            raise ValueError("workload must be a SyntheticWorkload, a TraceWorkload or have their generate()")
         if self.requests < 1:
             raise ValueError(f"requests must be at least 1, got {self.requests}")
         if not self.duration > 0:
@@ -81,6 +87,7 @@ class RequestRecord:
     finish_reason: str = ""
     status: str = _PENDING  # OK, CANCELLED_AT_DURATION, or the gRPC status name of an error
     error: str = ""
+    token_times: list[float] | None = None  # with LoadTestConfig.token_times: when each output token arrived
 
     @property
     def ttft(self) -> float | None:
@@ -126,7 +133,8 @@ async def _drive(client: AsyncClient, schedule: list[WorkloadRequest],
             if start + request.arrival >= deadline:
                 break
             await asyncio.sleep(max(0.0, start + request.arrival - loop.time()))
-            record = RequestRecord(index, request.adapter, request.arrival, prompt_tokens=_prompt_length(request))
+            record = RequestRecord(index, request.adapter, request.arrival, prompt_tokens=_prompt_length(request),
+                                   token_times=[] if config.token_times else None)
             records.append(record)
             tasks.append(asyncio.create_task(_send(client, request, record, start, progress)))
         done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time())) if tasks else ((), ())
@@ -189,6 +197,8 @@ async def _send(client: AsyncClient, request: WorkloadRequest, record: RequestRe
                     record.first_token = now
                 record.last_token = now
                 record.output_tokens += len(chunk.token_ids)
+                if record.token_times is not None:
+                    record.token_times += [now] * len(chunk.token_ids)
             if chunk.usage is not None:
                 record.prompt_tokens = chunk.usage.prompt_tokens
             record.finish_reason = chunk.finish_reason or record.finish_reason
@@ -199,8 +209,9 @@ async def _send(client: AsyncClient, request: WorkloadRequest, record: RequestRe
     progress.ended(record)
 
 
-def _stats(values: list[float], keys: tuple[str, ...]) -> dict:
-    """{"mean": ..., "p50": ..., ...} over `values` (seconds); None where there are no values."""
+def latency_stats(values: list[float], keys: tuple[str, ...] = _LATENCY_KEYS) -> dict:
+    """{"mean": ..., "p50": ..., ...} over `values` (seconds), keys "mean", "max" or "pNN"; None where
+    there are no values. The report's statistics (the benchmarks use it for theirs too)."""
     array = np.asarray(values, dtype=float)
     out = {}
     for key in keys:
@@ -208,6 +219,8 @@ def _stats(values: list[float], keys: tuple[str, ...]) -> dict:
             out[key] = None
         elif key == "mean":
             out[key] = float(array.mean())
+        elif key == "max":
+            out[key] = float(array.max())
         else:
             out[key] = float(np.percentile(array, float(key[1:])))
     return out
@@ -245,11 +258,11 @@ def build_report(config: LoadTestConfig, server: dict, schedule: list[WorkloadRe
             "prompt_tokens_per_s": prompt_tokens / elapsed if elapsed > 0 else 0.0,
         },
         "tokens": {"output": output_tokens, "prompt_of_completed": prompt_tokens},
-        "ttft_s": _stats(ttfts, _LATENCY_KEYS),
-        "tpot_s": _stats([r.tpot for r in done if r.tpot is not None], _LATENCY_KEYS),
-        "e2e_s": _stats([r.e2e for r in done], _LATENCY_KEYS),
+        "ttft_s": latency_stats(ttfts, _LATENCY_KEYS),
+        "tpot_s": latency_stats([r.tpot for r in done if r.tpot is not None], _LATENCY_KEYS),
+        "e2e_s": latency_stats([r.e2e for r in done], _LATENCY_KEYS),
         "slo": {"ttft_s": config.slo_ttft, "met": met, "attainment": met / len(records) if records else None},
-        "send_lag_s": _stats([r.sent - r.scheduled for r in records], ("mean", "p99")),
+        "send_lag_s": latency_stats([r.sent - r.scheduled for r in records], ("mean", "p99")),
         "errors": errors,
         "finish_reasons": dict(sorted(Counter(r.finish_reason for r in done).items())),
         "per_request": [_record_json(r) for r in records],
@@ -257,7 +270,10 @@ def build_report(config: LoadTestConfig, server: dict, schedule: list[WorkloadRe
 
 
 def _record_json(record: RequestRecord) -> dict:
-    return {**asdict(record), "ttft": record.ttft, "tpot": record.tpot, "e2e": record.e2e}
+    row = {**asdict(record), "ttft": record.ttft, "tpot": record.tpot, "e2e": record.e2e}
+    if record.token_times is None:
+        del row["token_times"]
+    return row
 
 
 def _ms(value: float | None) -> str:

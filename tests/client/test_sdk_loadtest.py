@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,7 @@ import pytest
 from lorafleet.client.cli import add_client_commands
 from lorafleet.client.loadtest import LoadTestConfig, format_summary, run_loadtest
 from lorafleet.client.sdk import AdapterInfo, AsyncClient, Client, LoraFleetError, Usage
-from lorafleet.client.workload import SyntheticWorkload, TraceWorkload
+from lorafleet.client.workload import SyntheticWorkload, TraceWorkload, WorkloadRequest
 from lorafleet.v1 import lorafleet_pb2 as pb
 from lorafleet.v1 import lorafleet_pb2_grpc as pb_grpc
 
@@ -473,6 +474,29 @@ def test_a_trace_is_replayed_at_its_timestamps(fake, target, tmp_path):
         ("a", 0.0, 3, 5), (None, pytest.approx(0.2), 1, 2), ("b", pytest.approx(0.4), 2, 3)]
     assert all(0 <= r["sent"] - r["scheduled"] < 0.25 for r in rows)
     assert [r.adapter_id for r in fake.requests] == ["a", "", "b"] and fake.requests[2].prompt == "one two three"
+
+
+@dataclass(frozen=True)
+class TwoRequests:
+    """A workload of the load generator's duck type (a benchmark's own): two fixed requests."""
+
+    tokens: int = 4
+
+    def generate(self, count: int, vocab_size: int) -> list[WorkloadRequest]:
+        return [WorkloadRequest(0.05 * k, "paced" if k else "a", None, (1, 2, 3), self.tokens, True) for k in range(count)]
+
+
+def test_any_workload_with_generate_runs_and_token_times_are_kept(fake, target):
+    config = LoadTestConfig(target, TwoRequests(), requests=2, duration=5.0, progress=False, token_times=True)
+    report = asyncio.run(run_loadtest(config))
+    assert report["requests"]["completed"] == 2 and report["config"]["workload"] == {"tokens": 4}
+    fast, paced = report["per_request"]
+    for row in (fast, paced):
+        times = row["token_times"]
+        assert len(times) == 4 and times == sorted(times) and times[0] == row["first_token"] and times[-1] == row["last_token"]
+    assert min(b - a for a, b in zip(paced["token_times"], paced["token_times"][1:])) >= 0.09, "0.1 s per paced token"
+    plain = asyncio.run(run_loadtest(LoadTestConfig(target, TwoRequests(), requests=1, duration=5.0, progress=False)))
+    assert "token_times" not in plain["per_request"][0], "off by default: serving.py's reports stay as they were"
 
 
 def test_an_unreachable_target_fails_fast():
