@@ -15,7 +15,7 @@ METRICS_PORT ?= 9400
 # The OpenAI-compatible HTTP API of `make serve` (-1 turns it off).
 HTTP_PORT ?= 8000
 
-.PHONY: install serve test soak demo bench bench-offline bench-vllm roofline gpu-check clean helm image image-base image-test
+.PHONY: install serve test soak demo bench bench-offline bench-prefix bench-vllm roofline gpu-check clean helm image image-base image-test
 
 PROTO := proto/lorafleet/v1/lorafleet.proto
 STUBS := proto/lorafleet/v1/lorafleet_pb2_grpc.py
@@ -62,6 +62,11 @@ soak: install demo
 bench: install demo
 	$(BIN)/pip install -q 'matplotlib>=3.8'
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serving.py --model $(DEMO_MODEL)
+
+# The prefix cache (on vs off) and chunked prefill (chunked vs one chunk per prompt) benchmark of issue 14;
+# writes bench/results/prefix_cache/. PREFIX_ARGS='--parts chunked --repeats 5' and the like pass options on.
+bench-prefix: install demo
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/prefix_cache.py --model $(DEMO_MODEL) $(PREFIX_ARGS)
 
 # The offline benchmark of issue 2 (lorafleet run vs PEFT, in-process).
 bench-offline: install demo
