@@ -243,14 +243,15 @@ def prefix_counters(metrics_port: int | None) -> dict[str, dict[str, float]] | N
 
 
 def parse_prefix_counters(text: str) -> dict[str, dict[str, float]] | None:
-    """{counter: {adapter: value}} of the two prefix cache counters in a Prometheus text page, or None
+    """{counter: {labels: value}} of the two prefix cache counters in a Prometheus text page, or None
     when the page lacks either (a server without the cache's metrics)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
     for family in text_string_to_metric_families(text):
         if family.name in (HIT, QUERIED):
-            out[family.name] = {s.labels.get("adapter", ""): s.value for s in family.samples if s.name.endswith("_total")}
+            out[family.name] = {",".join(f"{k}={v}" for k, v in sorted(s.labels.items())): s.value
+                                for s in family.samples if s.name.endswith("_total")}  # keyed by "adapter=NAME"
     return out if len(out) == 2 else None
 
 

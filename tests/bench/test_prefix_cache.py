@@ -57,7 +57,7 @@ def test_hit_rate_is_the_growth_of_the_counters_read_from_metrics():
     before = pc.parse_prefix_counters(generate_latest(registry).decode())
     hit.labels("a").inc(300), queried.labels("a").inc(400), hit.labels("b").inc(50), queried.labels("b").inc(100)
     after = pc.parse_prefix_counters(generate_latest(registry).decode())
-    assert after == {pc.HIT: {"a": 400.0, "b": 50.0}, pc.QUERIED: {"a": 600.0, "b": 100.0}}
+    assert after == {pc.HIT: {"adapter=a": 400.0, "adapter=b": 50.0}, pc.QUERIED: {"adapter=a": 600.0, "adapter=b": 100.0}}
     assert pc.hit_rate(before, after) == {"hit_tokens": 350.0, "queried_tokens": 500.0, "hit_rate": 0.7}
     assert pc.parse_prefix_counters("lorafleet_requests_total 3.0\n") is None and pc.hit_rate(None, after) is None
 
