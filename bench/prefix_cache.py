@@ -264,11 +264,13 @@ def hit_rate(before: dict | None, after: dict | None) -> dict | None:
             "hit_rate": grown[HIT] / grown[QUERIED] if grown[QUERIED] else None}
 
 
-async def send_all(target: str, requests: list[WorkloadRequest]) -> None:
+async def prime(target: str, workload: SharedPrefixWorkload) -> None:
+    """Sends the workload's priming requests (one per tenant) all at once and waits for their answers."""
     from lorafleet.client.sdk import AsyncClient
 
     async with AsyncClient(target, timeout=600) as client:
-        await asyncio.gather(*(client.complete(**r.generate_kwargs()) for r in requests))
+        vocab_size = (await client.server_info()).vocab_size
+        await asyncio.gather(*(client.complete(**r.generate_kwargs()) for r in workload.priming(vocab_size)))
 
 
 def decode_figures(report: dict, streams: int) -> dict:
@@ -299,8 +301,7 @@ def run_phase(cfg: Config, system: str, repeat: int, adapters: Path) -> dict:
         metrics_port = server.info.get("metrics_port")
         if cache_part:
             started = time.monotonic()
-            vocab_size = asyncio.run(server_vocab_size(server.target))
-            asyncio.run(asyncio.wait_for(send_all(server.target, workload.priming(vocab_size)), timeout=900))
+            asyncio.run(asyncio.wait_for(prime(server.target, workload), timeout=900))
             record["priming_s"] = round(time.monotonic() - started, 1)
         before = prefix_counters(metrics_port)
         config = LoadTestConfig(server.target, workload, requests=requests, duration=duration,
@@ -312,13 +313,6 @@ def run_phase(cfg: Config, system: str, repeat: int, adapters: Path) -> dict:
     if not cache_part:
         record["decode"] = decode_figures(report, cfg.streams)
     return record
-
-
-async def server_vocab_size(target: str) -> int:
-    from lorafleet.client.sdk import AsyncClient
-
-    async with AsyncClient(target, timeout=30) as client:
-        return (await client.server_info()).vocab_size
 
 
 def plan(cfg: Config) -> list[tuple[str, int]]:
