@@ -38,7 +38,7 @@ class SeparatePoolsPlan(PagePlan):
         return self.adapter_capacity_pages
 
     def fits(self, kv: int, adapter: int) -> bool:
-        return kv <= len(self.free) and adapter <= len(self.adapter_free)
+        return kv <= len(self.free) + self.cache.idle_pages and adapter <= len(self.adapter_free)
 
     def eviction_helps(self, kv: int, adapter: int) -> bool:
         return adapter > len(self.adapter_free)

@@ -39,6 +39,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="CPU memory for loaded adapters, least recently used out first")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch at most")
     p.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens in one step at most; longer prompts are prefilled in chunks")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="recompute every prompt instead of reusing the KV of prefixes cached per adapter")
     p.add_argument("--step-timeout", type=float, default=60.0,
                    help="seconds one step may take; past it the replica is declared failed (and rebuilt by serve)")
 
@@ -52,7 +54,7 @@ def engine_config(args):
         pool_fraction=args.pool_fraction or 0.9, host_cache_bytes=args.host_cache_bytes, max_lora_rank=args.max_lora_rank,
         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens, ray_address=args.ray_address,
         placement_strategy=args.placement_strategy, step_timeout=args.step_timeout,
-        max_queue=getattr(args, "max_queue", None),
+        max_queue=getattr(args, "max_queue", None), prefix_cache=args.prefix_cache,
     )
 
 

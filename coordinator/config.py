@@ -21,6 +21,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    prefix_cache: bool = True  # reuse the KV of cached prefixes (per adapter and content version)
     max_queue: int | None = None  # None: sized from the pool (server.queue_limit)
     step_timeout: float = 60.0  # seconds a step may take before its replica is declared failed
     ray_address: str | None = None  # None: an embedded Ray when tp > 1

@@ -38,7 +38,7 @@ class Engine:
         info = self.executor.call_all("info")[0]
         self.model = info.model
         max_len = min(cfg.max_model_len or self.model.max_position, self.model.max_position)
-        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_batched_tokens, max_len),
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_batched_tokens, max_len, cfg.prefix_cache),
                                    page_plan(info.num_pages), eos_ids=self.model.eos_token_ids)
         self.adapters = AdapterTable(cfg.adapters_dir, cfg.host_cache_bytes)
         self.tokenizer = Tokenizer(cfg.model_dir) if Tokenizer.exists(cfg.model_dir) else None
@@ -86,6 +86,7 @@ class Engine:
                 self._dropped.append(name)  # unloaded while it was read: the copy it left is no one's
             return False
         self.scheduler.adapter_pages[name] = infos[0].num_pages
+        self.scheduler.adapter_versions[name] = infos[0].version
         self._drop_host_copies(self.adapters.over_capacity(keep=name))
         return True
 
@@ -118,7 +119,7 @@ class Engine:
             return True
         if entry.users:
             return False
-        self.scheduler.unload_adapter(name)
+        self.scheduler.unload_adapter(name, forget_prefixes=True)
         self._dropped.append(name)
         self.adapters.remove(name)
         return True

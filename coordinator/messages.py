@@ -125,9 +125,11 @@ class ReplicaSnapshot:
     kv_pages: int = 0
     adapter_pages: int = 0
     free_pages: int = 0
+    cache_pages: int = 0  # held by the prefix cache (idle ones count as free for admission)
     num_pages: int = 0
     preemptions: int = 0
     adapters: Mapping[str, AdapterView] = field(default_factory=lambda: MappingProxyType({}))
+    prefix_tokens: Mapping[str | None, tuple[int, int]] = field(default_factory=lambda: MappingProxyType({}))  # adapter -> (queried, hit)
 
     @property
     def load(self) -> int:

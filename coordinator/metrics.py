@@ -27,6 +27,11 @@ class Metrics:
         self.queue = Gauge("lorafleet_queue_length", "Sequences waiting", ["replica"], registry=r)
         self.batch = Gauge("lorafleet_running_batch_size", "Sequences running", ["replica"], registry=r)
         self.pages = Gauge("lorafleet_pool_pages", "Pool pages by use", ["replica", "use"], registry=r)
+        self.prefix_queried = Counter("lorafleet_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache, by adapter",
+                                      ["adapter"], registry=r)
+        self.prefix_hits = Counter("lorafleet_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (not recomputed), by adapter",
+                                   ["adapter"], registry=r)
+        self._prefix_seen: dict[tuple[int, str | None], tuple[int, int]] = {}
         self.resident = Gauge("lorafleet_adapters_resident", "Adapters resident per tier", ["tier"], registry=r)
         self._http = None
 
@@ -52,13 +57,20 @@ class Metrics:
             if tokens > 1:
                 self.tpot.labels(*labels).observe((finished - first_token) / (tokens - 1))
 
-    def observe_replica(self, index: int, waiting: int, running: int, kv_pages: int, adapter_pages: int, free_pages: int) -> None:
-        replica = str(index)
-        self.queue.labels(replica).set(waiting)
-        self.batch.labels(replica).set(running)
-        self.pages.labels(replica, "kv").set(kv_pages)
-        self.pages.labels(replica, "adapter").set(adapter_pages)
-        self.pages.labels(replica, "free").set(free_pages)
+    def observe_replica(self, snapshot) -> None:
+        """Gauges from a ReplicaSnapshot, and the prefix cache counters by what grew since the last one."""
+        s, replica = snapshot, str(snapshot.index)
+        self.queue.labels(replica).set(s.waiting + s.parked)
+        self.batch.labels(replica).set(s.running)
+        for use, pages in (("kv", s.kv_pages), ("adapter", s.adapter_pages), ("cache", s.cache_pages), ("free", s.free_pages)):
+            self.pages.labels(replica, use).set(pages)
+        for adapter, (queried, hit) in s.prefix_tokens.items():
+            seen_queried, seen_hit = self._prefix_seen.get((s.index, adapter), (0, 0))
+            if queried < seen_queried:  # a rebuilt replica counts from 0 again
+                seen_queried = seen_hit = 0
+            self.prefix_queried.labels(adapter_label(adapter)).inc(queried - seen_queried)
+            self.prefix_hits.labels(adapter_label(adapter)).inc(hit - seen_hit)
+            self._prefix_seen[(s.index, adapter)] = (queried, hit)
 
     def observe_tiers(self, device_pool: int, host_cache: int, disk: int) -> None:
         self.resident.labels("device_pool").set(device_pool)

@@ -1,13 +1,17 @@
 """Page accounting for one replica's unified pool (pure Python; the worker holds the tensors).
 
-Every page is free, held by one sequence (one token's KV), or held by one resident
-adapter (a chunk of its weights). The scheduler decides, the Step carries the indices,
-and every rank of the replica uses the same ones.
+Every page is free, held by one sequence (one token's KV), held by the prefix cache (one
+token's KV, which any number of sequences may read), or held by one resident adapter (a chunk
+of its weights). The scheduler decides, the Step carries the indices, and every rank of the
+replica uses the same ones. Idle cached pages count as free for whoever needs pages: they are
+taken back first, before any adapter or running sequence is touched.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from .prefix_cache import CacheKey, Node, PrefixCache
 
 
 class PageAccountingError(AssertionError):
@@ -28,7 +32,9 @@ class PagePlan:
     num_pages: int
     free: list[int] = field(init=False)
     adapter_free: list[int] = field(init=False)  # where adapter pages come from: the same list here
-    seq_pages: dict[int, list[int]] = field(default_factory=dict)
+    seq_pages: dict[int, list[int]] = field(default_factory=dict)  # every page a sequence reads, in order
+    seq_prefix: dict[int, tuple[Node, int]] = field(default_factory=dict)  # its first n pages are the cache's
+    cache: PrefixCache = field(default_factory=PrefixCache)
     adapters: OrderedDict[str, ResidentAdapter] = field(default_factory=OrderedDict)  # least recently used first
 
     def __post_init__(self):
@@ -48,7 +54,12 @@ class PagePlan:
         return self.num_pages
 
     def fits(self, kv: int, adapter: int) -> bool:
-        return kv + adapter <= len(self.free)
+        return kv + adapter <= len(self.free) + self.cache.idle_pages
+
+    def _reclaim(self, n: int) -> None:
+        """Idle cached pages back to the free list until n are free (or none is idle)."""
+        if n > len(self.free):
+            self.free.extend(self.cache.evict(n - len(self.free)))
 
     def eviction_helps(self, kv: int, adapter: int) -> bool:
         """Would freeing an idle adapter bring (kv, adapter) closer to fitting?"""
@@ -56,18 +67,48 @@ class PagePlan:
 
     # ------------------------------------------------------------- sequences
 
+    def start_seq(self, seq_id: int, prefix: Node | None = None, depth: int = 0) -> list[int]:
+        """A sequence starts reading the cached prefix `prefix` (held already, its first `depth`
+        tokens; None: nothing cached); returns that prefix's pages."""
+        pages = prefix.path_pages() if prefix is not None else []
+        if len(pages) != depth or seq_id in self.seq_pages:
+            raise PageAccountingError(f"sequence {seq_id} starts twice or with a prefix of {len(pages)} pages for {depth} tokens")
+        self.seq_pages[seq_id] = list(pages)
+        if prefix is not None:
+            self.seq_prefix[seq_id] = (prefix, depth)
+        return pages
+
     def grow(self, seq_id: int, n: int) -> list[int] | None:
         """n more pages for a sequence, or None (and nothing taken) if they are not free."""
+        self._reclaim(n)
         if n > len(self.free):
             return None
         pages = [self.free.pop() for _ in range(n)]
         self.seq_pages.setdefault(seq_id, []).extend(pages)
         return pages
 
+    def share(self, seq_id: int, key: CacheKey, tokens: list[int]) -> None:
+        """The sequence has computed the KV of `tokens` (its first len(tokens)): the pages of those
+        the cache does not hold yet join it (prefix_cache.PrefixCache.extend)."""
+        held, depth = self.seq_prefix.get(seq_id, (None, 0))
+        node, depth = self.cache.extend(key, held, depth, tokens, self.seq_pages[seq_id])
+        if node is not None:
+            self.seq_prefix[seq_id] = (node, depth)
+
     def release_seq(self, seq_id: int) -> int:
+        """Frees the sequence's own pages and lets go of its cached prefix; returns how many it read."""
         pages = self.seq_pages.pop(seq_id, [])
-        self.free.extend(pages)
+        node, depth = self.seq_prefix.pop(seq_id, (None, 0))
+        self.free.extend(pages[depth:])
+        self.cache.release(node)
         return len(pages)
+
+    def forget_prefixes(self, adapter: str) -> None:
+        """Frees the pages cached under an adapter that no sequence uses any more (on unload)."""
+        self.free.extend(self.cache.drop(adapter))
+
+    def clear_cache(self) -> None:
+        self.free.extend(self.cache.clear())
 
     # ------------------------------------------------------------- adapters
 
@@ -78,6 +119,8 @@ class PagePlan:
         """Pages for a new resident adapter, or None if they are not free."""
         if name in self.adapters:
             raise PageAccountingError(f"adapter {name} is already resident")
+        if self.adapter_free is self.free:
+            self._reclaim(n)
         if n > len(self.adapter_free):
             return None
         self.adapters[name] = ResidentAdapter([self.adapter_free.pop() for _ in range(n)])
@@ -119,18 +162,34 @@ class PagePlan:
 
     @property
     def kv_pages(self) -> int:
-        return sum(len(p) for p in self.seq_pages.values())
+        """Pages sequences hold on their own (the cached prefixes they read are cache_pages)."""
+        return sum(len(p) for p in self.seq_pages.values()) - sum(d for _, d in self.seq_prefix.values())
+
+    @property
+    def cache_pages(self) -> int:
+        return self.cache.pages
 
     @property
     def adapter_pages(self) -> int:
         return sum(len(a.pages) for a in self.adapters.values())
 
     def owners(self) -> list[tuple[str, list[int]]]:
-        return ([(f"seq {s}", p) for s, p in self.seq_pages.items()] + [(f"adapter {a}", r.pages) for a, r in self.adapters.items()]
-                + [("free", self.free)])
+        own = [(f"seq {s}", p[self.seq_prefix.get(s, (None, 0))[1]:]) for s, p in self.seq_pages.items()]
+        return (own + [(f"adapter {a}", r.pages) for a, r in self.adapters.items()]
+                + [(f"cache {node.key}", node.pages) for node in self.cache.nodes()] + [("free", self.free)])
 
     def check(self) -> None:
-        """Raises PageAccountingError unless every page is free or has exactly one owner."""
+        """Raises PageAccountingError unless every page is free or has exactly one owner, and every
+        sequence reads the cached pages of the prefix it holds."""
+        held: dict[Node, int] = {}
+        for seq_id, (node, depth) in self.seq_prefix.items():
+            held[node] = held.get(node, 0) + 1
+            if self.seq_pages[seq_id][:depth] != node.path_pages():
+                raise PageAccountingError(f"sequence {seq_id} does not read the pages of the prefix it holds")
+        try:
+            self.cache.check(held)
+        except AssertionError as e:
+            raise PageAccountingError(f"prefix cache: {e}") from None
         owners: dict[int, str] = {}
         for owner, pages in self.owners():
             for page in pages:

@@ -389,7 +389,9 @@ class Replica:
             index=self.index, healthy=self.error is None, error=self.error, steps=self.engine.steps,
             waiting=len(s.waiting), parked=sum(len(w) for w in self._parked.values()), running=len(s.running),
             kv_pages=plan.kv_pages, adapter_pages=plan.adapter_pages, free_pages=plan.free_pages,
-            num_pages=plan.num_pages, preemptions=s.preemptions, adapters=MappingProxyType(dict(self._views)))
+            cache_pages=plan.cache_pages, num_pages=plan.num_pages, preemptions=s.preemptions,
+            adapters=MappingProxyType(dict(self._views)),
+            prefix_tokens=MappingProxyType({a: tuple(c) for a, c in s.prefix_tokens.items()}))
 
 
 class RequestFailed(Exception):

@@ -16,6 +16,12 @@ sequence) are free now, and `add` refuses a request that could never fit the poo
 context. A chunk that cannot get its pages is skipped for this step (and no one is admitted
 after it). Preemption drops a sequence's pages, prefilled in part or not, and recomputes it from 0.
 
+Prefix cache (prefix_cache.py): a sequence starts with the longest cached prefix of its
+tokens under its adapter's identity (never all of them: its last token runs to give the first
+output), so its first chunk starts there; the KV it computes joins the cache after each prefill
+chunk and when it ends or is preempted (a preempted sequence often finds its own prefix again).
+Idle cached pages are the first to be taken when pages run short (pages.py).
+
 `postprocess()` takes the sampled tokens back: only the chunk that computes a sequence's last
 token makes an output; the token the worker sampled for an earlier chunk is dropped. Finished
 sequences free their pages at once. Pure Python: no torch, no communication.
@@ -39,6 +45,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048
     max_model_len: int = 2048
+    prefix_cache: bool = True
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_batched_tokens < 1 or self.max_model_len < 2:
@@ -61,13 +68,15 @@ class Scheduler:
     plan: PagePlan
     eos_ids: tuple[int, ...] = ()
     adapter_pages: dict[str, int] = field(default_factory=dict)  # registered adapters -> pages they need
+    adapter_versions: dict[str, str] = field(default_factory=dict)  # -> content version (the prefix cache's key)
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)  # in admission order
     _finished_ids: list[int] = field(default_factory=list)
     _evicted: list[str] = field(default_factory=list)
-    _scheduled: list[tuple[Sequence, bool]] = field(default_factory=list)  # this step's sequences; True: it samples
+    _scheduled: list[tuple[Sequence, bool, bool]] = field(default_factory=list)  # this step's: (seq, it samples, a prefill chunk)
     _next_id: int = 0
     preemptions: int = 0  # since start, for metrics and tests
+    prefix_tokens: dict[str | None, list[int]] = field(default_factory=dict)  # adapter -> [queried, found in the cache]
 
     # ------------------------------------------------------------- requests
 
@@ -98,11 +107,15 @@ class Scheduler:
             return
         self._finish(seq, reason)
 
-    def unload_adapter(self, name: str) -> None:
-        """Takes an idle adapter's pages back and forgets its size."""
+    def unload_adapter(self, name: str, forget_prefixes: bool = False) -> None:
+        """Takes an idle adapter's pages back and forgets its size (and, if asked, the KV cached
+        under it: on unload; a host copy dropped for room keeps it, it is valid while the weights are)."""
         if self.plan.drop_adapter(name):
             self._evicted.append(name)
         self.adapter_pages.pop(name, None)
+        self.adapter_versions.pop(name, None)
+        if forget_prefixes:
+            self.plan.forget_prefixes(name)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._finished_ids or self._evicted)
@@ -142,7 +155,7 @@ class Scheduler:
             budget -= len(work.token_ids)
             scheduled.append((seq, work))
         scheduled.sort(key=lambda sw: (sw[0].adapter or "", sw[0].seq_id))  # one run of tokens per adapter
-        self._scheduled = [(s, s.computed == s.total_len) for s, _ in scheduled]
+        self._scheduled = [(s, s.computed == s.total_len, w.prefix is not None or len(w.token_ids) > 1) for s, w in scheduled]
         step.seqs = [w for _, w in scheduled]
         # finished before or preempted during this schedule: the worker forgets them before running
         step.finished, step.evicted_adapters = self._finished_ids, self._evicted
@@ -183,23 +196,32 @@ class Scheduler:
         return SeqWork(seq.seq_id, chunk, start, pages, seq.adapter)
 
     def _admit(self, seq: Sequence, budget: int, step: Step) -> SeqWork | None:
-        """Starts a waiting sequence (from 0) with a first chunk of at most `budget` tokens."""
+        """Starts a waiting sequence after its longest cached prefix, with a first chunk of at most
+        `budget` tokens."""
         tokens = seq.tokens
+        seq.cache_key = (seq.adapter or "", self.adapter_versions.get(seq.adapter, "") if seq.adapter else "")
+        prefix, hit = self.plan.cache.match(seq.cache_key, tokens, len(tokens) - 1) if self.cfg.prefix_cache else (None, 0)
+        self.plan.cache.hold(prefix)  # before anything below frees pages
         adapter_new = seq.adapter is not None and not self.plan.is_resident(seq.adapter)
-        kv_need = len(tokens) + len(self.running)  # all of it, and keep one decode page for each running sequence
+        kv_need = len(tokens) - hit + len(self.running)  # all of it, and keep one decode page for each running sequence
         adapter_need = self.adapter_pages[seq.adapter] if adapter_new else 0
         while not self.plan.fits(kv_need, adapter_need):
             if not (self.plan.eviction_helps(kv_need, adapter_need) and self._evict_adapter(keep=seq.adapter)):
+                self.plan.cache.release(prefix)
                 return None
         if adapter_new:
             step.load_adapters[seq.adapter] = self.plan.place_adapter(seq.adapter, self.adapter_pages[seq.adapter])
         if seq.adapter is not None:
             self.plan.use_adapter(seq.adapter)
-        n = min(len(tokens), budget)
+        cached = self.plan.start_seq(seq.seq_id, prefix, hit)
+        n = min(len(tokens) - hit, budget)
         pages = self.plan.grow(seq.seq_id, n)
-        seq.status, seq.computed = Status.RUNNING, n
+        seq.status, seq.computed, seq.cached_tokens = Status.RUNNING, hit + n, hit
+        counts = self.prefix_tokens.setdefault(seq.adapter, [0, 0])
+        counts[0] += len(tokens)
+        counts[1] += hit
         self.running.append(seq)
-        return SeqWork(seq.seq_id, tokens[:n], 0, pages, seq.adapter, seq.request.sampling)
+        return SeqWork(seq.seq_id, tokens[hit:hit + n], hit, pages, seq.adapter, seq.request.sampling, prefix=cached)
 
     def _evict_adapter(self, keep: str | None = None) -> bool:
         name = self.plan.evict_idle_adapter(keep)
@@ -216,7 +238,13 @@ class Scheduler:
         self.preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _share(self, seq: Sequence) -> None:
+        """The KV computed so far joins the prefix cache (called only once the steps that computed it ran)."""
+        if self.cfg.prefix_cache and seq.computed:
+            self.plan.share(seq.seq_id, seq.cache_key, seq.tokens[:seq.computed])
+
     def _release(self, seq: Sequence) -> None:
+        self._share(seq)
         self.plan.release_seq(seq.seq_id)
         self.running.remove(seq)
         if seq.adapter is not None:
@@ -233,9 +261,13 @@ class Scheduler:
         if len(tokens) != len(self._scheduled) or (logprobs is not None and len(logprobs) != len(tokens)):
             raise RuntimeError(f"the worker returned {len(tokens)} tokens for {len(self._scheduled)} sequences")
         outputs = []
-        for i, ((seq, samples), token) in enumerate(zip(self._scheduled, tokens)):
-            if seq.status != Status.RUNNING or not samples:
-                continue  # aborted while the step ran, or a chunk before the last of its prefill
+        for i, ((seq, samples, prefill), token) in enumerate(zip(self._scheduled, tokens)):
+            if seq.status != Status.RUNNING:
+                continue  # aborted while the step ran
+            if prefill:
+                self._share(seq)
+            if not samples:
+                continue  # a chunk before the last of its prefill
             seq.output_ids.append(token)
             reason = self._stop_reason(seq, token)
             if reason:

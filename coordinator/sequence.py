@@ -40,6 +40,8 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     preemptions: int = 0
+    cache_key: tuple[str, str] = ("", "")  # (adapter, its content version) when it last started: the prefix cache's key
+    cached_tokens: int = 0  # tokens found in the prefix cache when it last started
 
     @property
     def tokens(self) -> list[int]:

@@ -536,7 +536,7 @@ class LoraFleetServer:
     async def _gauges(self) -> None:
         snapshots = self.fleet.snapshots()
         for s in snapshots:
-            self.metrics.observe_replica(s.index, s.waiting + s.parked, s.running, s.kv_pages, s.adapter_pages, s.free_pages)
+            self.metrics.observe_replica(s)
         states = [v.state for s in snapshots for v in s.adapters.values()]
         self.metrics.observe_tiers(states.count("resident"), states.count("host_ready"), self._on_disk)
 

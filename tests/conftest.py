@@ -120,6 +120,16 @@ def adapter_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def same_size_adapters(tiny_models, adapter_factory, tmp_path_factory):
+    """Four adapters of one size (rank 2 on q and v) for tiny_models["llama_gqa"], so host memory
+    can be sized in adapters."""
+    root = tmp_path_factory.mktemp("same_size")
+    for i in range(4):
+        adapter_factory(tiny_models["llama_gqa"], root / f"s{i}", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], seed=60 + i)
+    return root
+
+
+@pytest.fixture(scope="session")
 def model_factory(tmp_path_factory):
     """make(out_dir=None, **make_tiny_model_kwargs) -> Path, for one-off tiny models."""
 

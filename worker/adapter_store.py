@@ -7,7 +7,6 @@ touches the disk inside a step, so every rank of a replica holds the same adapte
 """
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ class AdapterInfo:
     targets: tuple[str, ...]
     num_pages: int
     host_bytes: int  # this rank's packed copy in host memory
-    version: str  # the files' identity when read: a reloaded adapter with new weights gets a new one
+    version: str  # a hash of the weights read (LoraWeights.digest): the prefix cache's key
 
 
 @dataclass
@@ -50,12 +49,11 @@ class AdapterStore:
     def read(self, name: str, path: str | Path) -> AdapterInfo:
         """Reads, checks and packs an adapter into host memory (replacing an older copy). Raises AdapterError."""
         path = Path(path)
-        version = files_version(path)
         weights = read_adapter(name, path, self.model_cfg, self.max_rank)
         layout = plan_layout(weights.ranks, weights.scales, self.model_cfg, self.shard, self.page_dim)
         packed = pack_adapter(weights, layout, self.model_cfg, self.shard, self.page_dim, self.dtype)
         info = AdapterInfo(name, weights.rank, tuple(weights.ranks), layout.num_pages,
-                           packed.numel() * packed.element_size(), version)
+                           packed.numel() * packed.element_size(), weights.digest())
         with self._lock:
             self._items[name] = PackedAdapter(info, layout, packed)
         return info
@@ -80,14 +78,3 @@ class AdapterStore:
     def layouts(self, names) -> dict[str, AdapterLayout]:
         return {n: self.get(n).layout for n in names}
 
-
-def files_version(folder: Path) -> str:
-    """Size, modification time and inode of the adapter's files: changes when they are rewritten."""
-    parts = []
-    for f in ("adapter_config.json", "adapter_model.safetensors"):
-        try:
-            st = os.stat(folder / f)
-        except OSError:
-            continue  # read_adapter names the missing file
-        parts.append(f"{st.st_size:x}.{st.st_mtime_ns:x}.{st.st_ino:x}")
-    return "-".join(parts)

@@ -1,6 +1,7 @@
 """Reads PEFT LoRA adapters and refuses, with a message, anything lorafleet cannot serve exactly."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -66,6 +67,18 @@ class LoraWeights:
     @property
     def rank(self) -> int:
         return max(self.ranks.values())
+
+    def digest(self) -> str:
+        """A hash of the weights and scales: the adapter's content version. Equal weights give equal
+        digests wherever the files lie; new weights under the same name give a new one."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr(sorted(self.scales.items())).encode())
+        for key in sorted(self.weights):
+            h.update(repr(key).encode())
+            for t in self.weights[key]:
+                h.update(repr(tuple(t.shape)).encode())
+                h.update(t.contiguous().numpy())
+        return h.hexdigest()
 
 
 def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -> LoraWeights:

@@ -30,8 +30,12 @@ class PageRows:
                 self.free.append(row)
         rows, cols, pages = [], [], []
         for w in step.seqs:
-            if w.start == 0 and w.seq_id not in self.slot:
-                self.slot[w.seq_id] = self._row()
+            if w.prefix is not None:
+                if w.seq_id not in self.slot:
+                    self.slot[w.seq_id] = self._row()
+                rows += [self.slot[w.seq_id]] * len(w.prefix)
+                cols += range(len(w.prefix))
+                pages += w.prefix
             rows += [self.slot[w.seq_id]] * len(w.new_pages)
             cols += range(w.start, w.start + len(w.new_pages))
             pages += w.new_pages

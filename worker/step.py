@@ -41,12 +41,14 @@ class SeqWork:
     token_ids: the tokens to run now, at positions start .. start + len - 1: a chunk of the
         prompt (the whole prompt when it fits the step's token budget), or one token to decode.
         A chunk attends to the sequence's earlier pages and to itself, causally.
-    start: position of token_ids[0]; 0 (re)starts the sequence and drops any pages the
-        worker knew for it (a preempted sequence is recomputed from 0); a later chunk of a
-        prefill continues at the number of tokens computed so far.
+    start: position of token_ids[0]: the number of tokens whose KV the sequence has already.
     new_pages: one KV page per token of token_ids, appended to the sequence's page list.
     adapter: the adapter's name, or None for the base model.
-    sampling: sent with start == 0 only; the worker keeps it for later steps.
+    sampling: sent with the first chunk only; the worker keeps it for later steps.
+    prefix: set on a sequence's first chunk only (a start, or a restart after preemption, which
+        drops any pages the worker knew for it): the pages that hold the KV of its first `start`
+        tokens, from the prefix cache (shared with other sequences, never written); [] when
+        nothing was cached.
     """
 
     seq_id: int
@@ -55,6 +57,7 @@ class SeqWork:
     new_pages: list[int]
     adapter: str | None = None
     sampling: SamplingParams | None = None
+    prefix: list[int] | None = None
 
 
 @dataclass
@@ -101,8 +104,8 @@ class PageTables:
         for w in step.seqs:
             if len(w.new_pages) != len(w.token_ids):
                 raise StepError(f"sequence {w.seq_id}: {len(w.token_ids)} tokens but {len(w.new_pages)} new pages")
-            if w.start == 0:
-                self.seq_pages[w.seq_id] = []
+            if w.prefix is not None:
+                self.seq_pages[w.seq_id] = list(w.prefix)
                 self.sampling[w.seq_id] = w.sampling or SamplingParams()
             pages = self.seq_pages.get(w.seq_id)
             if pages is None or len(pages) != w.start:

@@ -55,8 +55,10 @@ def check_snapshot(replica: Replica) -> None:
     s, plan, table = engine.scheduler, engine.scheduler.plan, engine.adapters
     plan.check()
     assert (snap.waiting, snap.running, snap.steps) == (len(s.waiting), len(s.running), engine.steps)
-    assert (snap.kv_pages, snap.adapter_pages, snap.free_pages) == (plan.kv_pages, plan.adapter_pages, plan.free_pages)
-    assert snap.kv_pages + snap.adapter_pages + snap.free_pages == snap.num_pages == plan.num_pages
+    assert (snap.kv_pages, snap.adapter_pages, snap.cache_pages, snap.free_pages) == \
+        (plan.kv_pages, plan.adapter_pages, plan.cache_pages, plan.free_pages)
+    assert snap.kv_pages + snap.adapter_pages + snap.cache_pages + snap.free_pages == snap.num_pages == plan.num_pages
+    assert snap.prefix_tokens == {a: tuple(c) for a, c in s.prefix_tokens.items()}
     assert set(snap.adapters) == set(table.entries)
     for name, view in snap.adapters.items():
         entry = table.entries[name]

@@ -1,13 +1,16 @@
-"""Page accounting under random admit / step / cancel sequences, with preemption and prompts
-prefilled in chunks (property-based).
+"""Page accounting under random admit / step / cancel / reload sequences, with preemption, prompts
+prefilled in chunks and the prefix cache (property-based).
 
 The worker's own page tables (worker.step.PageTables) are rebuilt from the Steps alone, so the
 test also checks that the Step contract keeps every rank's view of the pool equal to the scheduler's.
+A model of the pool's contents (what each page's KV was computed from) checks that every page a
+sequence reads, its own or the cache's, holds the KV of its own tokens under its own adapter version.
 """
 from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +38,23 @@ def check_consistent(sched: Scheduler, mirror: PageTables, step):
         assert entry.users == sum(1 for s in sched.running if s.adapter == name)
 
 
+def check_contents(sched: Scheduler, mirror: PageTables, step, kv: dict[int, tuple], weights: dict[str | None, int]):
+    """Writes this step's KV into the model of the pool, then checks what every scheduled sequence
+    reads. weights: each adapter's weights now (the test's own count of reloads)."""
+    by_id = {s.seq_id: s for s in sched.running}
+    for w in step.seqs:
+        seq = by_id[w.seq_id]
+        for j, page in enumerate(w.new_pages):
+            kv[page] = (seq.adapter, weights.get(seq.adapter), tuple(seq.tokens[:w.start + j + 1]))
+    for w in step.seqs:
+        seq = by_id[w.seq_id]
+        for i, page in enumerate(mirror.seq_pages[w.seq_id]):
+            assert kv.get(page) == (seq.adapter, weights.get(seq.adapter), tuple(seq.tokens[:i + 1])), \
+                f"sequence {w.seq_id} reads a wrong KV at {i}"
+        if w.prefix is not None:
+            assert w.start == len(w.prefix) == seq.cached_tokens < seq.total_len
+
+
 def check_chunks(sched: Scheduler, step, max_batched_tokens: int):
     """Decodes first, then chunks within the budget; each chunk continues where its sequence stands."""
     decodes = [w for w in step.seqs if w.start > 0 and len(w.token_ids) == 1]
@@ -46,24 +66,61 @@ def check_chunks(sched: Scheduler, step, max_batched_tokens: int):
     assert len({w.seq_id for w in step.seqs}) == len(step.seqs)
 
 
+FAMILIES = ([7] * 40, list(range(10, 50)), [7] * 10 + list(range(60, 90)))  # prompts share their prefixes
+
 op = st.one_of(
-    st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 10), st.sampled_from([None, "a", "b", "c", "d"])),
+    st.tuples(st.just("add"), st.integers(0, 40), st.integers(1, 10), st.sampled_from([None, "a", "a", "a", "b", "c", "d"]),
+              st.integers(0, len(FAMILIES) - 1), st.integers(0, 4), st.integers(0, 6)),
     st.tuples(st.just("step")),
     st.tuples(st.just("cancel"), st.integers(0, 50)),
+    st.tuples(st.just("reload"), st.sampled_from(["a", "b", "c", "d"]), st.booleans()),
 )
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(op, min_size=1, max_size=80), num_pages=st.integers(20, 60), seed=st.integers(0, 2**16),
-       adapter_capacity=st.one_of(st.none(), st.integers(8, 16)), max_batched_tokens=st.sampled_from([3, 8, 24]))
-def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity, max_batched_tokens):
-    """Unified pool, and the separate-pools ablation (adapter_capacity pages for adapters only);
-    prompts up to 40 tokens with a step budget of 3 to 24 tokens, so most prompts take several chunks."""
+@given(ops=st.lists(op, min_size=1, max_size=80), num_pages=st.integers(20, 120), seed=st.integers(0, 2**16),
+       adapter_capacity=st.one_of(st.none(), st.integers(8, 16)), max_batched_tokens=st.sampled_from([3, 8, 24]),
+       prefix_cache=st.booleans())
+def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity, max_batched_tokens, prefix_cache):
+    run_ops(ops, num_pages, seed, adapter_capacity, max_batched_tokens, prefix_cache)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_long_runs_with_shared_prefixes(seed):
+    """Hypothesis keeps its examples short; these runs are long (400 operations), so that prefixes
+    are cached, found, evicted and found again under reloaded adapters many times over."""
+    rng = random.Random(seed)
+    ops = []
+    for _ in range(400):
+        kind = rng.choices(["add", "step", "cancel", "reload"], [4, 4, 1, 1])[0]
+        if kind == "add":
+            ops.append(("add", rng.randint(0, 40), rng.randint(1, 10), rng.choice([None, "a", "a", "b", "c", "d"]),
+                        rng.randrange(len(FAMILIES)), rng.randint(0, 4), rng.randint(0, 6)))
+        elif kind == "cancel":
+            ops.append(("cancel", rng.randint(0, 50)))
+        elif kind == "reload":
+            ops.append(("reload", rng.choice("abcd"), rng.random() < 0.5))
+        else:
+            ops.append(("step",))
+    hits = run_ops(ops, num_pages=rng.choice([40, 80, 160]), seed=seed, adapter_capacity=rng.choice([None, 12]),
+                   max_batched_tokens=rng.choice([3, 8, 24]), prefix_cache=True)
+    assert hits > 10  # the run exercised the cache
+
+
+def run_ops(ops, num_pages, seed, adapter_capacity, max_batched_tokens, prefix_cache) -> int:
+    """Runs the operations and checks the pool after each; returns the prompt tokens found cached.
+
+    Unified pool, and the separate-pools ablation (adapter_capacity pages for adapters only);
+    prompts up to 44 tokens, most sharing a prefix with others, with a step budget of 3 to 24
+    tokens, so most prompts take several chunks; the prefix cache on and off. "reload" gives an
+    idle adapter new weights (a new content version), as unloading and loading it again does, or
+    as reading new files does after its host copy was dropped for room (its cached KV stays)."""
     rng = random.Random(seed)
     plan = PagePlan(num_pages) if adapter_capacity is None else SeparatePoolsPlan(num_pages, adapter_capacity_pages=adapter_capacity)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=6, max_batched_tokens=max_batched_tokens, max_model_len=64),
-                      plan, eos_ids=(EOS,), adapter_pages=dict(ADAPTER_PAGES))
-    mirror, seqs, by_id = PageTables(), [], {}
+    sched = Scheduler(SchedulerConfig(max_num_seqs=6, max_batched_tokens=max_batched_tokens, max_model_len=64,
+                                      prefix_cache=prefix_cache),
+                      plan, eos_ids=(EOS,), adapter_pages=dict(ADAPTER_PAGES), adapter_versions=dict.fromkeys(ADAPTER_PAGES, "v0"))
+    mirror, seqs, by_id, kv, weights = PageTables(), [], {}, {}, dict.fromkeys(ADAPTER_PAGES, 0)
 
     def run_step():
         step = sched.schedule()
@@ -72,6 +129,7 @@ def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity, ma
             assert len(pages) == ADAPTER_PAGES[name]
         check_consistent(sched, mirror, step)
         check_chunks(sched, step, max_batched_tokens)
+        check_contents(sched, mirror, step, kv, weights)
         final = {w.seq_id for w in step.seqs if w.start + len(w.token_ids) == by_id[w.seq_id].total_len}
         outputs = sched.postprocess([rng.choice([EOS, 1, 2, 3, 4, 5]) for _ in step.seqs])
         assert sorted(o.seq.seq_id for o in outputs) == sorted(final)  # no token for a chunk before the last
@@ -79,13 +137,23 @@ def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity, ma
 
     for o in ops:
         if o[0] == "add":
+            _, cut, max_new, adapter, family, extra, steps = o
+            prompt = FAMILIES[family][:cut] + [rng.randrange(1, 100) for _ in range(extra)] or [7]
             try:
-                seqs.append(sched.add(Request(str(len(seqs)), [7] * o[1], o[2], o[3])))
+                seqs.append(sched.add(Request(str(len(seqs)), prompt, max_new, adapter)))
                 by_id[seqs[-1].seq_id] = seqs[-1]
             except RequestTooLarge:
                 pass
+            for _ in range(steps):
+                run_step()
         elif o[0] == "cancel" and seqs:
             sched.abort(seqs[o[1] % len(seqs)])
+            sched.plan.check()
+        elif o[0] == "reload" and not any(s.adapter == o[1] for s in [*sched.waiting, *sched.running]):
+            sched.unload_adapter(o[1], forget_prefixes=o[2])  # False: a host copy dropped, then new files read
+            sched.adapter_pages[o[1]] = ADAPTER_PAGES[o[1]]
+            weights[o[1]] += 1
+            sched.adapter_versions[o[1]] = f"v{weights[o[1]]}"
             sched.plan.check()
         else:
             run_step()
@@ -98,30 +166,39 @@ def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity, ma
     assert all(s.status == Status.FINISHED for s in seqs)
     assert sched.plan.kv_pages == 0 and not mirror.seq_pages
     assert all(a.users == 0 for a in sched.plan.adapters.values())
+    assert sched.plan.cache.idle_pages == sched.plan.cache_pages  # no one reads the cache now
+    if not prefix_cache:
+        assert sched.plan.cache_pages == 0
     while sched.plan.evict_idle_adapter():
         pass
-    assert sched.plan.free_pages == num_pages
+    sched.plan.clear_cache()
+    sched.plan.check()
+    assert sched.plan.free_pages == num_pages and not sched.plan.cache.roots
+    return sum(hit for _, hit in sched.prefix_tokens.values())
 
 
-def test_preemption_requeues_and_recomputes():
-    """A pool too small for everyone: the newest sequence is preempted and later recomputed from 0."""
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=64, max_model_len=64),
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_preemption_requeues_and_recomputes(prefix_cache):
+    """A pool too small for everyone: the newest sequence is preempted and later recomputed, from 0
+    without the prefix cache; with it, from the longest prefix of its tokens still cached."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=64, max_model_len=64, prefix_cache=prefix_cache),
                       PagePlan(14), adapter_pages={})
     a = sched.add(Request("a", [1] * 4, 6, ignore_eos=True))
-    b = sched.add(Request("b", [1] * 4, 6, ignore_eos=True))
+    b = sched.add(Request("b", [2] * 4, 6, ignore_eos=True))
     starts = []
     for _ in range(40):
         if not (sched.waiting or sched.running):
             break
         step = sched.schedule()
-        starts += [(w.seq_id, w.start) for w in step.seqs]
+        starts += [(w.seq_id, w.start) for w in step.seqs if w.prefix is not None]
         sched.postprocess([5] * len(step.seqs))
         sched.plan.check()
     assert a.finish_reason == b.finish_reason == "length"
     assert len(a.output_ids) == len(b.output_ids) == 6
     assert b.preemptions >= 1 and a.preemptions == 0
-    restarts = [s for s in starts if s[0] == b.seq_id and s[1] == 0]
+    restarts = [start for seq_id, start in starts if seq_id == b.seq_id]
     assert len(restarts) == 1 + b.preemptions
+    assert restarts[0] == 0 and (max(restarts[1:]) > 0) == prefix_cache
 
 
 def test_request_larger_than_pool_is_refused():

@@ -7,9 +7,7 @@ import json
 import random
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -260,6 +258,19 @@ def test_health_reflection_metrics(server):
             assert server.metric("lorafleet_requests_total", adapter="r8_mlp", status="ok") == before + 3
             assert server.metric("lorafleet_time_to_first_token_seconds_count", adapter="r8_mlp") >= 3
             assert server.metric("lorafleet_requests_total", adapter="__unknown__") >= 1  # from the bad-input test
+
+            # the prefix cache: the same 20-token prompt three times finds 19 tokens cached at least once
+            queried = server.metric("lorafleet_prefix_cache_queried_tokens_total", adapter="r4_o_down")
+            hits = server.metric("lorafleet_prefix_cache_hit_tokens_total", adapter="r4_o_down")
+            for _ in range(3):
+                await _stream(stub, adapter_id="r4_o_down", prompt_token_ids=list(range(10, 30)), max_new_tokens=2)
+            for _ in range(50):  # the counters follow the replicas' snapshots every 0.5 s
+                if server.metric("lorafleet_prefix_cache_queried_tokens_total", adapter="r4_o_down") >= queried + 60:
+                    break
+                await asyncio.sleep(0.1)
+            assert server.metric("lorafleet_prefix_cache_queried_tokens_total", adapter="r4_o_down") == queried + 60
+            assert server.metric("lorafleet_prefix_cache_hit_tokens_total", adapter="r4_o_down") >= hits + 19
+            assert server.metric("lorafleet_pool_pages", use="cache") >= 19
 
     run(go())
 

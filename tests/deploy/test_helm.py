@@ -175,7 +175,7 @@ def test_coordinator_joins_the_head_service(rendered):
         args = parse_serve(container)
         # KubeRay names the head's Service <raycluster>-head-svc; the GCS listens on 6379.
         assert args.ray_address == f"{cluster}-head-svc.{NAMESPACE}.svc.cluster.local:6379", name
-        assert f'ray start --address="$RAY_ADDRESS"' in container["args"][0]
+        assert 'ray start --address="$RAY_ADDRESS"' in container["args"][0]
         assert container["args"][0].rstrip().endswith('exec lorafleet serve "$@"')
         assert args.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
         assert args.host == "0.0.0.0"

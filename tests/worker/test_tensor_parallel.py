@@ -10,7 +10,7 @@ import psutil
 import pytest
 import ray
 from bench.ablations import unfused_executor
-from engines import add, generate, make_engine
+from engines import add, generate, make_engine, record_steps
 from peers import peft_greedy
 
 from lorafleet.coordinator.config import EngineConfig
@@ -71,20 +71,33 @@ def test_chunked_prefill_at_tp2_equals_peft(tp_setup):
                 ("r3_all", [rng.randrange(8, 250) for _ in range(48)], 5),
                 ("r8_attn", [rng.randrange(8, 250) for _ in range(35)], 4)]
     engine = make_engine(model, root, tp=2, max_batched_tokens=16)
-    steps, real = [], engine.executor.call_all
-
-    def call_all(method, *args, **kw):
-        if method == "execute":
-            steps.append([(w.start, len(w.token_ids)) for w in args[0].seqs])
-        return real(method, *args, **kw)
-
-    engine.executor.call_all = call_all
+    steps = record_steps(engine)
     try:
         got = generate(engine, requests, join_at=[0, 2, 3])
-        assert max(sum(n for _, n in s) for s in steps) <= 16
-        assert any(start > 0 and n > 1 for s in steps for start, n in s), "no prompt was continued in a later chunk"
+        assert max(sum(len(w.token_ids) for w in s.seqs) for s in steps) <= 16
+        assert any(w.start > 0 and len(w.token_ids) > 1 for s in steps for w in s.seqs), "no prompt was continued in a later chunk"
     finally:
         engine.shutdown()
+    for (adapter, prompt, n), tokens in zip(requests, got):
+        assert tokens == peft_greedy(model, root / adapter if adapter else None, prompt, n)
+
+
+def test_prefix_cache_at_tp2_equals_peft(tp_setup):
+    """Two users of one system prompt under r3_all and two under the base model at tp=2, the second
+    of each joining after the first has run: it starts after the cached prompt on both ranks, and
+    every token equals PEFT's."""
+    model, root, *_ = tp_setup
+    rng = random.Random(16)
+    system = [rng.randrange(8, 250) for _ in range(30)]
+    requests = [(adapter, system + [first, 7, 9], 5) for adapter in ("r3_all", None) for first in (3, 4)]
+    engine = make_engine(model, root, tp=2, max_batched_tokens=16)
+    steps = record_steps(engine)
+    try:
+        got = generate(engine, requests, join_at=[0, 6, 1, 8])
+    finally:
+        engine.shutdown()
+    starts = sorted(w.start for s in steps for w in s.seqs if w.prefix is not None)
+    assert starts == [0, 0, 30, 30]
     for (adapter, prompt, n), tokens in zip(requests, got):
         assert tokens == peft_greedy(model, root / adapter if adapter else None, prompt, n)
 
