@@ -309,7 +309,8 @@ def run_phase(cfg: Config, system: str, repeat: int, adapters: Path) -> dict:
         with CpuWatch(server.proc.pid) as cpu:
             report = asyncio.run(asyncio.wait_for(run_loadtest(config), timeout=duration + 60))
         record.update(cpu=cpu.result, report=report, prefix_cache=hit_rate(before, prefix_counters(metrics_port)))
-    record.update(server_exit_code=server.proc.returncode, load_after=load_average())
+    record.update(server_exit_code=server.proc.returncode, load_after=load_average(),
+                  first_tokens=sum(row["ttft"] is not None for row in report["per_request"]))
     if not cache_part:
         record["decode"] = decode_figures(report, cfg.streams)
     return record
@@ -327,7 +328,9 @@ CACHE_FIGURES = (
     ("output tokens/s", lambda r: r["report"]["throughput"]["output_tokens_per_s"], "{:.1f}"),
     ("TTFT p50 ms", lambda r: 1000 * r["report"]["ttft_s"]["p50"], "{:,.0f}"),
     ("TTFT p99 ms", lambda r: 1000 * r["report"]["ttft_s"]["p99"], "{:,.0f}"),
-    ("requests done", lambda r: r["report"]["requests"]["completed"], "{:.0f}"),
+    ("requests sent", lambda r: r["report"]["requests"]["sent"], "{:.0f}"),
+    ("with a first token", lambda r: r["first_tokens"], "{:.0f}"),  # TTFT covers these only
+    ("completed", lambda r: r["report"]["requests"]["completed"], "{:.0f}"),
     ("prefix hit rate", lambda r: r["prefix_cache"]["hit_rate"], "{:.1%}"),
 )
 CHUNKED_FIGURES = (
@@ -409,9 +412,11 @@ def markdown(cfg: Config, records: list[dict], result: dict, meta: dict) -> str:
             f"{cfg.system_len} random token ids; each request a tenant's system prompt and a user turn of "
             f"{cfg.user_range[0]}-{cfg.user_range[1]} tokens, {cfg.output_range[0]}-{cfg.output_range[1]} output "
             f"tokens (greedy, ignore_eos), tenants uniform, {cfg.rate:g} arrivals/s (Gamma, cv 1) for {cfg.duration:g} s "
-            f"({math.ceil(cfg.rate * cfg.duration)} requests; those still running at the end are cancelled, their "
-            "tokens count). Before the clock every tenant's system prompt was sent once, to both systems. "
-            f"Off: `{NO_CACHE_FLAG}`. Hit rate: the server's prefix cache counters over the timed part.",
+            f"({math.ceil(cfg.rate * cfg.duration)} requests scheduled; those still running at the end are cancelled, "
+            "their tokens count). Before the clock every tenant's system prompt was sent once, to both systems. "
+            f"Off: `{NO_CACHE_FLAG}`. TTFT covers the requests that got a first token within the test (a server "
+            "that falls behind leaves the rest out: see the count). Hit rate: the server's prefix cache counters "
+            "over the timed part.",
             "",
             *part_lines(cfg, records, "cache", result["cache"]),
             "",
