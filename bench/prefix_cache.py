@@ -64,6 +64,7 @@ CHUNKED, UNCHUNKED = "chunked", "unchunked"
 PARTS = {"cache": (CACHE_ON, CACHE_OFF), "chunked": (CHUNKED, UNCHUNKED)}  # each part's (system, baseline)
 NO_CACHE_FLAG = "--no-prefix-cache"
 HIT, QUERIED = "lorafleet_prefix_cache_hit_tokens", "lorafleet_prefix_cache_queried_tokens"  # counters (_total)
+METRICS_LAG_S = 1.0  # lorafleet serve copies the replica's counts into its metrics every 0.5 s
 QUICK = {"repeats": 1, "tenants": 8, "system_len": 500, "rate": 2.0, "duration": 15.0, "streams": 4,
          "stream_output": 48, "long_prompts": 2, "long_range": (1000, 1500), "long_every": 5.0}
 
@@ -235,9 +236,11 @@ class Config:
 
 
 def prefix_counters(metrics_port: int | None) -> dict[str, dict[str, float]] | None:
-    """The prefix cache's counters on the server's /metrics now (`parse_prefix_counters`)."""
+    """The prefix cache's counters on the server's /metrics (`parse_prefix_counters`), once the counts
+    of the steps run so far have reached them."""
     if not metrics_port:
         return None
+    time.sleep(METRICS_LAG_S)
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
         return parse_prefix_counters(response.read().decode())
 
