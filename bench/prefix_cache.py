@@ -46,6 +46,7 @@ import asyncio
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -401,7 +402,8 @@ def markdown(cfg: Config, records: list[dict], result: dict, meta: dict) -> str:
         "# Prefix cache and chunked prefill (issue 14)",
         "",
         f"{'Partial run (stopped early), ' if meta.get('partial') else 'Run '}finished {meta.get('finished', '-')} on "
-        f"{meta['cpus']} CPU cores, {meta.get('total_s', 0) / 60:.0f} min: `{meta['command']}`.",
+        f"{meta['cpus']} CPU cores, {meta.get('total_s', 0) / 60:.0f} min, at {meta.get('git') or 'an unknown commit'}: "
+        f"`{meta['command']}`.",
         f"Model `{Path(cfg.model).name}` ({meta.get('dtype') or cfg.dtype}), each server with {cfg.threads} torch thread(s), "
         f"`--pool-bytes {cfg.pool_bytes} --max-num-seqs {cfg.max_num_seqs}`. Medians over {cfg.repeats} repeat(s); "
         "the sides of each part alternate. Ratios divide the medians.",
@@ -498,12 +500,25 @@ def parse_args(argv: list[str] | None) -> Config:
     return Config(**fields)
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, with "+changes" when files differ from it; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     cfg = parse_args(argv)
     stop_on_sigterm()
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpus": os.cpu_count(),
-            "load_at_start": load_average(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions()}
+            "load_at_start": load_average(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(),
+            "git": git_commit()}
     adapters = adapter_set(cfg.model, cfg.seed).make(cfg.workdir, cfg.tenants if "cache" in cfg.parts else 0)
     records = []
     try:
