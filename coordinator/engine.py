@@ -38,12 +38,14 @@ class Engine:
         info = self.executor.call_all("info")[0]
         self.model = info.model
         max_len = min(cfg.max_model_len or self.model.max_position, self.model.max_position)
-        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_batched_tokens, max_len, cfg.prefix_cache),
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_batched_tokens, max_len, cfg.prefix_cache,
+                                                   cfg.adapter_affinity),
                                    page_plan(info.num_pages), eos_ids=self.model.eos_token_ids)
         self.adapters = AdapterTable(cfg.adapters_dir, cfg.host_cache_bytes)
         self.tokenizer = Tokenizer(cfg.model_dir) if Tokenizer.exists(cfg.model_dir) else None
         self.parser = RequestParser(self.tokenizer, self.model.vocab_size)
         self.steps = 0
+        self.step_adapters = 0  # distinct adapters in the last step that ran
         self._dropped: list[str] = []  # host copies the next Step tells the workers to drop
 
     # ------------------------------------------------------------- adapters
@@ -170,6 +172,7 @@ class Engine:
             self.adapters.changed.add(name)  # residency shows in the snapshot
         sampled = self.executor.call_all("execute", step, timeout=self.cfg.step_timeout)[0]
         self.steps += 1
+        self.step_adapters = len({w.adapter for w in step.seqs} - {None})
         outputs = self.scheduler.postprocess(sampled.tokens, sampled.logprobs)
         for out in outputs:
             if out.finished:

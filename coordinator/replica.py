@@ -387,6 +387,7 @@ class Replica:
         plan = s.plan
         self.snapshot = ReplicaSnapshot(
             index=self.index, healthy=self.error is None, error=self.error, steps=self.engine.steps,
+            step_adapters=self.engine.step_adapters,
             waiting=len(s.waiting), parked=sum(len(w) for w in self._parked.values()), running=len(s.running),
             kv_pages=plan.kv_pages, adapter_pages=plan.adapter_pages, free_pages=plan.free_pages,
             cache_pages=plan.cache_pages, num_pages=plan.num_pages, preemptions=s.preemptions,

@@ -54,7 +54,8 @@ def check_snapshot(replica: Replica) -> None:
     snap, engine = replica.snapshot, replica.engine
     s, plan, table = engine.scheduler, engine.scheduler.plan, engine.adapters
     plan.check()
-    assert (snap.waiting, snap.running, snap.steps) == (len(s.waiting), len(s.running), engine.steps)
+    assert (snap.waiting, snap.running, snap.steps, snap.step_adapters) == (len(s.waiting), len(s.running), engine.steps,
+                                                                            engine.step_adapters)
     assert (snap.kv_pages, snap.adapter_pages, snap.cache_pages, snap.free_pages) == \
         (plan.kv_pages, plan.adapter_pages, plan.cache_pages, plan.free_pages)
     assert snap.kv_pages + snap.adapter_pages + snap.cache_pages + snap.free_pages == snap.num_pages == plan.num_pages
