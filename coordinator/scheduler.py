@@ -17,7 +17,8 @@ Pages: a sequence holds one page per token computed so far, plus those of this s
 admission asks that the sequence's remaining tokens (and a decode page for each running
 sequence) are free now, and `add` refuses a request that could never fit the pool or the
 context. A chunk that cannot get its pages is skipped for this step (and no one is admitted
-after it). Preemption drops a sequence's pages, prefilled in part or not, and recomputes it from 0.
+after it). Preemption drops a sequence's pages, prefilled in part or not (what it computed joins
+the prefix cache first), and recomputes it from the longest prefix still cached (0 without the cache).
 
 Prefix cache (prefix_cache.py): a sequence starts with the longest cached prefix of its
 tokens under its adapter's identity (never all of them: its last token runs to give the first
