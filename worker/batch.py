@@ -1,4 +1,9 @@
-"""Turns a Step into the tensors of one forward pass (built once, shared by every layer)."""
+"""Turns a Step into the tensors of one forward pass (built once, shared by every layer).
+
+Each running sequence's KV pages sit in PageRows, a table the worker keeps on its device across
+steps: a Step writes into it only its new pages, and a batch names its sequences' rows, so the
+attention metadata of a step costs O(sequences + new tokens), whatever the length of the contexts.
+"""
 from __future__ import annotations
 
 import torch
@@ -12,13 +17,29 @@ from .model import ForwardBatch
 from .step import SeqWork, Step
 
 
-class PageRows:
-    """Every running sequence's KV page list as a row of one int64 tensor, kept across steps: a Step
-    adds its new pages in one scatter (O(new tokens)), and a batch gathers its rows in one copy, so the
-    host work of a step does not grow with the context in Python."""
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA through pinned memory, so the copy does not wait for the stream."""
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
-    def __init__(self, rows: int = 16, cols: int = 256):
-        self.table = torch.zeros((rows, cols), dtype=torch.int64)
+
+def _grown(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """t in the top-left corner of a zero (rows, cols) tensor of its dtype and device."""
+    out = t.new_zeros((rows, cols))
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
+
+
+class PageRows:
+    """Every running sequence's KV page list as a row of one int64 tensor on the device, kept across
+    steps: a Step adds its new pages in one scatter (O(new tokens)), a batch names its sequences' rows
+    (O(sequences)), and the attention kernels read the pages through those rows in place, so no part
+    of the table is copied per step. Cells past a sequence's context hold whatever an earlier owner of
+    the row left there; nothing reads them."""
+
+    def __init__(self, rows: int = 16, cols: int = 256, device="cpu"):
+        self.table = torch.zeros((rows, cols), dtype=torch.int64, device=device)
         self.slot: dict[int, int] = {}  # seq_id -> row
         self.free: list[int] = list(range(rows - 1, -1, -1))
 
@@ -41,27 +62,23 @@ class PageRows:
             pages += w.new_pages
         if pages:
             self._fit(max(cols) + 1)
-            self.table[torch.tensor(rows), torch.tensor(cols)] = torch.tensor(pages, dtype=torch.int64)
+            rows, cols, pages = to_device(torch.tensor([rows, cols, pages], dtype=torch.int64), self.table.device)
+            self.table[rows, cols] = pages
 
-    def gather(self, seq_ids: list[int], width: int, device) -> torch.Tensor:
-        """(len(seq_ids), width): each sequence's pages, then whatever the row held (never read: positions
-        past its context)."""
-        index = torch.tensor([self.slot[s] for s in seq_ids])
-        return self.table[:, :width].index_select(0, index).to(device)
+    def rows_of(self, seq_ids: list[int]) -> torch.Tensor:
+        """(len(seq_ids),) int64 on the table's device: the row of self.table holding each sequence's pages."""
+        return to_device(torch.tensor([self.slot[s] for s in seq_ids], dtype=torch.int64), self.table.device)
 
     def _row(self) -> int:
         if not self.free:  # twice the rows
-            grown = torch.zeros((2 * self.table.shape[0], self.table.shape[1]), dtype=torch.int64)
-            grown[: self.table.shape[0]] = self.table
-            self.free = list(range(grown.shape[0] - 1, self.table.shape[0] - 1, -1))
-            self.table = grown
+            rows = self.table.shape[0]
+            self.table = _grown(self.table, 2 * rows, self.table.shape[1])
+            self.free = list(range(2 * rows - 1, rows - 1, -1))
         return self.free.pop()
 
     def _fit(self, cols: int) -> None:
         if cols > self.table.shape[1]:
-            grown = torch.zeros((self.table.shape[0], max(cols, 2 * self.table.shape[1])), dtype=torch.int64)
-            grown[:, : self.table.shape[1]] = self.table
-            self.table = grown
+            self.table = _grown(self.table, self.table.shape[0], max(cols, 2 * self.table.shape[1]))
 
 
 def forward_batch(seqs: list[SeqWork], page_rows: PageRows, adapter_pages: dict[str, list[int]],
@@ -75,11 +92,11 @@ def forward_batch(seqs: list[SeqWork], page_rows: PageRows, adapter_pages: dict[
         slots += w.new_pages
         query_start.append(len(ids))
         context_lens.append(w.start + len(w.token_ids))
-    table = page_rows.gather([w.seq_id for w in seqs], max(context_lens), device)
     decode = [i for i, w in enumerate(seqs) if len(w.token_ids) == 1]
-    as_long = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    as_long = lambda x: to_device(torch.tensor(x, dtype=torch.int64), device)  # noqa: E731
     attention = AttentionBatch(
-        query_start=as_long(query_start), context_lens=as_long(context_lens), page_table=table,
+        query_start=as_long(query_start), context_lens=as_long(context_lens),
+        page_table=page_rows.table, table_rows=page_rows.rows_of([w.seq_id for w in seqs]),
         slots=as_long(slots), decode_rows=as_long(decode),
         prefill_rows=[i for i, w in enumerate(seqs) if len(w.token_ids) != 1],
         query_start_list=query_start, context_lens_list=context_lens,

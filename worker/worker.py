@@ -36,7 +36,7 @@ class Worker:
         self.pool = PagePool(self.model_cfg.num_layers, self._num_pages(), self.page_dim, cfg.torch_dtype, self.device)
         self.adapters = AdapterStore(self.model_cfg, shard, self.page_dim, cfg.torch_dtype, cfg.max_lora_rank)
         self.tables = PageTables()
-        self.page_rows = PageRows()  # the same page lists, as tensor rows for the attention kernels
+        self.page_rows = PageRows(device=self.device)  # the same page lists, as tensor rows for the attention kernels
 
     def _num_pages(self) -> int:
         pool_bytes = self.cfg.pool_bytes
