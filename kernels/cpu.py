@@ -145,18 +145,18 @@ class Segments:
 
     @staticmethod
     def of(token_adapter: torch.Tensor, num_adapters: int) -> "Segments":
-        rows_of: dict[int, list[int]] = {}
-        for t, a in enumerate(token_adapter.tolist()):
-            if a >= 0:
-                if a >= num_adapters:
-                    raise ValueError(f"LoRA op: token {t} names adapter {a}, the page table has {num_adapters}")
-                rows_of.setdefault(a, []).append(t)
-        order, start = [], [0]
-        for rows in rows_of.values():
-            order += rows
-            start.append(len(order))
-        as_long = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-        return Segments(as_long(order), as_long(start), as_long(list(rows_of)))
+        """Tokens in step order within each segment, segments by adapter index; no Python loop over tokens."""
+        token_adapter = token_adapter.to(torch.int64)
+        rows = (token_adapter >= 0).nonzero().squeeze(1)
+        adapters = token_adapter[rows]
+        beyond = (adapters >= num_adapters).nonzero()
+        if beyond.numel():
+            t = int(rows[beyond[0, 0]])
+            raise ValueError(f"LoRA op: token {t} names adapter {int(token_adapter[t])}, the page table has {num_adapters}")
+        adapters, by_adapter = adapters.sort(stable=True)
+        adapter, counts = torch.unique_consecutive(adapters, return_counts=True)
+        start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return Segments(rows[by_adapter].contiguous(), start, adapter.contiguous())
 
 
 @dataclass
