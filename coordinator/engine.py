@@ -55,16 +55,16 @@ class Engine:
 
     def next_read(self) -> tuple[str, Path, int] | None:
         """The next adapter to read (now READING), after dropping idle host copies to make room; None
-        if none is due, or if host memory is held by adapters that queued requests use: the read
-        starts when one of those finishes, so host memory stays within its bound (plus one adapter)."""
+        if none is due, or if host memory is held by adapters that queued requests use or that reads
+        in flight will fill: the read starts when one of those finishes, so host memory stays within
+        its bound (plus one adapter, and whatever an adapter not read before exceeds the largest one)."""
         due = self.adapters.reads_due()
         if not due:
             return None
         name = due[0]
-        known = self.adapters.get(name).info  # from an earlier read, if any
-        need = known.host_bytes if known else 0
+        need = self.adapters.expected_bytes(self.adapters.get(name))
         self._drop_host_copies(self.adapters.over_capacity(keep=name, need=need))
-        held = self.adapters.host_bytes
+        held = self.adapters.host_bytes + self.adapters.reading_bytes
         if held and held + need > self.adapters.capacity:
             return None
         if name in self._dropped:  # a drop not yet sent must not hit the copy this read makes
