@@ -153,6 +153,10 @@ def attention_cases(cases_module):
                 case = cases_module.build_attention_case(seqs, num_kv_heads=2, ratio=ratio, head_dim=head_dim,
                                                          dtype=dtype, seed=ratio)
                 yield f"attention {name} {step} ratio {ratio} d {head_dim}", case
+            # the worker's kept table: more rows and columns than the step uses, its rows shuffled, stale cells
+            case = cases_module.build_attention_case(seqs, num_kv_heads=2, ratio=4, head_dim=128, extra_rows=9,
+                                                     extra_cols=40, dtype=dtype, seed=5)
+            yield f"attention {name} {step} ratio 4 d 128, rows of a larger table", case
 
 
 def check_attention(case, device: str = "cuda", kernels=None) -> str | None:
@@ -192,7 +196,7 @@ def run_kernels(args) -> tuple[bool, str]:
         print(f"  FAILED {label}: {why}", file=sys.stderr)
     return not failed, (f"{len(results) - len(failed)}/{len(results)} cases equal the torch reference "
                         f"(bfloat16 and float16; LoRA segment and token kernels, mixed ranks, shuffled pages, "
-                        f"TP expand; paged attention and write_kv, GQA 1 and 4, d 64 and 128)")
+                        f"TP expand; paged attention and write_kv, GQA 1 and 4, d 64 and 128, rows of a larger table)")
 
 
 def guarded(fn, *args) -> str | None:

@@ -19,7 +19,7 @@ import torch
 from lorafleet.coordinator.pages import PagePlan
 from lorafleet.coordinator.scheduler import Scheduler, SchedulerConfig
 from lorafleet.coordinator.sequence import Request
-from lorafleet.worker.batch import PageRows, forward_batch
+from lorafleet.worker.batch import AdapterRows, PageRows, forward_batch
 from lorafleet.worker.config import ModelConfig
 from lorafleet.worker.loader import Shard
 from lorafleet.worker.lora import plan_layout
@@ -44,23 +44,25 @@ def measure(seqs: int, context: int, adapters: int, steps: int) -> dict[str, flo
                       PagePlan(need), eos_ids=(), adapter_pages={n: lay.num_pages for n, lay in layouts.items()})
     for i in range(seqs):
         sched.add(Request(str(i), [7] * context, steps + 2, f"a{i % adapters}", ignore_eos=True))
-    tables, rows = PageTables(), PageRows()
+    device = torch.device("cpu")
+    tables, rows, adapter_rows = PageTables(), PageRows(device=device), AdapterRows(cfg, shard, device=device)
+
+    def apply(step):  # what Worker.execute does before it builds the batch
+        tables.apply(step)
+        rows.apply(step)
+        adapter_rows.apply(step, {n: layouts[n] for n in step.load_adapters})
+
     step = sched.schedule()  # the prefill of everyone: not timed
-    tables.apply(step)
-    rows.apply(step)
+    apply(step)
     sched.postprocess([1] * len(step.seqs))
     parts = {"schedule": [], "worker tables": [], "batch metadata": [], "postprocess": []}
-    device = torch.device("cpu")
     for _ in range(steps):
         t0 = time.perf_counter()
         step = sched.schedule()
         t1 = time.perf_counter()
-        tables.apply(step)
-        rows.apply(step)
+        apply(step)
         t2 = time.perf_counter()
-        names = {w.adapter for w in step.seqs}
-        forward_batch(step.seqs, rows, {n: tables.adapter_pages[n] for n in names},
-                      {n: layouts[n] for n in names}, cfg, shard, device)
+        forward_batch(step.seqs, rows, adapter_rows, device)
         t3 = time.perf_counter()
         sched.postprocess([1] * len(step.seqs))
         t4 = time.perf_counter()

@@ -174,7 +174,7 @@ def attention_step(num_seqs: int, context: tuple[int, int], seed: int = 0, dtype
         used += n
     starts = list(range(num_seqs + 1))
     batch = AttentionBatch(
-        query_start=torch.tensor(starts), context_lens=lens, page_table=table,
+        query_start=torch.tensor(starts), context_lens=lens, page_table=table, table_rows=torch.arange(num_seqs),
         slots=table[torch.arange(num_seqs), lens - 1], decode_rows=torch.arange(num_seqs), prefill_rows=[],
         query_start_list=starts, context_lens_list=lens.tolist(),
     )

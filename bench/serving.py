@@ -10,6 +10,7 @@ every system and every number of adapters n.
 | lorafleet, n in {1, 10, 100, 1000} | `lorafleet serve` with the adapters folder; one unified page pool |
 | lorafleet (no adapters) | `lorafleet serve` without adapters, every request base-only: the ceiling |
 | lorafleet (separate pools) | `bench/ablations.py --separate-pools F serve ...`, same pool bytes: S-LoRA's no-unify-mem ablation |
+| lorafleet (adapter affinity) | `lorafleet serve --adapter-affinity K`: queued requests whose adapter is in the batch go first, for at most K steps |
 | HF PEFT, n in {1, 10, 100, 1000} | `bench/peft_server.py`: requests grouped by adapter, adapters swapped between batches |
 
 Each phase starts a fresh server, sends one short warm-up request, runs one load test
@@ -58,9 +59,11 @@ B_STD = 0.02  # std of the random B matrices: the adapters change outputs a litt
 LORAFLEET = "lorafleet"
 CEILING = "lorafleet (no adapters)"
 SEPARATE = "lorafleet (separate pools)"
+AFFINITY = "lorafleet (adapter affinity)"
 PEFT = "HF PEFT"
-SYSTEMS = (LORAFLEET, SEPARATE, CEILING, PEFT)  # table order
-QUICK = {"adapter_counts": (1, 10), "separate_counts": (10,), "duration": 12.0, "budget": 240.0}  # --quick defaults
+SYSTEMS = (LORAFLEET, AFFINITY, SEPARATE, CEILING, PEFT)  # table order
+QUICK = {"adapter_counts": (1, 10), "separate_counts": (10,), "affinity_counts": (10,), "duration": 12.0,
+         "budget": 300.0}  # --quick defaults
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,11 @@ class BenchConfig:
     workdir: str
     out: str
     adapter_counts: tuple[int, ...] = (1, 10, 100, 1000)
-    systems: tuple[str, ...] = ("lorafleet", "ceiling", "peft", "separate")  # which servers run
+    systems: tuple[str, ...] = ("lorafleet", "ceiling", "peft", "separate", "affinity")  # which servers run
     dtype: str = "float32"  # both sides: lorafleet's default is auto (bfloat16 on this CPU), PEFT's float32
     separate_counts: tuple[int, ...] = (100, 1000)  # n for the separate-pools ablation
+    affinity_counts: tuple[int, ...] = (100, 1000)  # n for adapter-aware admission
+    affinity_steps: int = 16  # its --adapter-affinity
     rate: float = 10.0  # mean arrivals per second: above what any system here serves on CPU (about 6 at most)
     duration: float = 90.0  # each load test: no request sent, and outstanding ones cancelled, after this
     cv: float = 1.0
@@ -95,11 +100,11 @@ class BenchConfig:
             raise SystemExit(f"--model {self.model}: no config.json there (`make demo` prepares the default model)")
         if not self.adapter_counts or min(self.adapter_counts) < 1:
             raise SystemExit("--adapter-counts: positive numbers of adapters")
-        if min(self.separate_counts, default=1) < 1:
-            raise SystemExit("--separate-counts: positive numbers of adapters")
+        if min(self.separate_counts + self.affinity_counts, default=1) < 1:
+            raise SystemExit("--separate-counts, --affinity-counts: positive numbers of adapters")
         if not (self.rate > 0 and self.duration > 0 and self.slo_ttft > 0):
             raise SystemExit("--rate, --duration and --slo-ttft must be positive")
-        for name in ("threads", "max_num_seqs", "peft_max_loaded"):
+        for name in ("threads", "max_num_seqs", "peft_max_loaded", "affinity_steps"):
             if getattr(self, name) < 1:
                 raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 < self.separate_fraction < 1:
@@ -116,7 +121,7 @@ class BenchConfig:
 
     @property
     def max_adapters(self) -> int:
-        return max(self.adapter_counts + self.separate_counts)
+        return max(self.adapter_counts + self.separate_counts + self.affinity_counts)
 
 
 # ---------------------------------------------------------------- adapters
@@ -251,11 +256,14 @@ def serve_cmd(model: str, adapters: Path | None, options: list[str], launcher: l
     return cmd
 
 
-def lorafleet_cmd(cfg: BenchConfig, adapters: Path | None, separate: bool) -> list[str]:
-    """`lorafleet serve`, or the same through bench/ablations.py with separate pools injected."""
+def lorafleet_cmd(cfg: BenchConfig, adapters: Path | None, separate: bool, affinity: bool = False) -> list[str]:
+    """`lorafleet serve` (with adapter affinity if asked), or the same through bench/ablations.py with
+    separate pools injected."""
     ablation = [sys.executable, str(REPO / "bench" / "ablations.py"), "--separate-pools", str(cfg.separate_fraction)]
-    return serve_cmd(cfg.model, adapters, ["--pool-bytes", cfg.pool_bytes, "--max-num-seqs", str(cfg.max_num_seqs),
-                                           "--dtype", cfg.dtype], ablation if separate else None)
+    options = ["--pool-bytes", cfg.pool_bytes, "--max-num-seqs", str(cfg.max_num_seqs), "--dtype", cfg.dtype]
+    if affinity:
+        options += ["--adapter-affinity", str(cfg.affinity_steps)]
+    return serve_cmd(cfg.model, adapters, options, ablation if separate else None)
 
 
 def peft_cmd(cfg: BenchConfig, adapters: Path) -> list[str]:
@@ -267,7 +275,7 @@ def peft_cmd(cfg: BenchConfig, adapters: Path) -> list[str]:
 class MetricsSampler:
     """Polls lorafleet's Prometheus endpoint once a second: queue, running batch, pool pages by use."""
 
-    GAUGES = {"lorafleet_queue_length": "queue", "lorafleet_running_batch_size": "batch"}
+    GAUGES = {"lorafleet_queue_length": "queue", "lorafleet_running_batch_size": "batch", "lorafleet_step_adapters": "step_adapters"}
 
     def __init__(self, port: int | None):
         self.url = f"http://127.0.0.1:{port}/metrics" if port else None
@@ -300,7 +308,7 @@ class MetricsSampler:
 
 
 def parse_gauges(text: str) -> dict[str, float]:
-    """queue, batch, pages_kv, pages_adapter, pages_free, adapters_device_pool from a /metrics page."""
+    """queue, batch, step_adapters, pages_kv, pages_adapter, pages_cache, pages_free, adapters_device_pool from a /metrics page."""
     out = {}
     for line in text.splitlines():
         if line.startswith("#") or " " not in line:
@@ -338,9 +346,10 @@ def plan_phases(cfg: BenchConfig) -> list[Phase]:
     run = set(cfg.systems)
     wanted = [(CEILING, 0)] * ("ceiling" in run) + [(LORAFLEET, n) for n in cfg.adapter_counts if "lorafleet" in run] \
         + [(PEFT, n) for n in cfg.adapter_counts if "peft" in run] \
-        + [(SEPARATE, n) for n in cfg.separate_counts if "separate" in run]
-    first = [(CEILING, 0), (LORAFLEET, 10), (LORAFLEET, 100), (PEFT, 100), (SEPARATE, 100), (LORAFLEET, 1000),
-             (SEPARATE, 1000)]
+        + [(SEPARATE, n) for n in cfg.separate_counts if "separate" in run] \
+        + [(AFFINITY, n) for n in cfg.affinity_counts if "affinity" in run]
+    first = [(CEILING, 0), (LORAFLEET, 10), (LORAFLEET, 100), (AFFINITY, 100), (PEFT, 100), (SEPARATE, 100),
+             (LORAFLEET, 1000), (AFFINITY, 1000), (SEPARATE, 1000)]
     ordered = [sn for sn in first if sn in wanted] + [sn for sn in wanted if sn not in first]
     return [Phase(system, n, rank) for rank, (system, n) in enumerate(ordered)]
 
@@ -408,7 +417,8 @@ def run_phase(cfg: BenchConfig, phase: Phase, adapters: Path) -> dict:
     if phase.system == PEFT:
         cmd = peft_cmd(cfg, adapters)
     else:
-        cmd = lorafleet_cmd(cfg, adapters if phase.n else None, separate=phase.system == SEPARATE)
+        cmd = lorafleet_cmd(cfg, adapters if phase.n else None, separate=phase.system == SEPARATE,
+                            affinity=phase.system == AFFINITY)
     logs = Path(cfg.workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     record = {"system": phase.system, "n": phase.n, "server_cmd": cmd, "load_before": load_average(),
@@ -485,6 +495,9 @@ def ratios(cfg: BenchConfig, phases: list[Phase]) -> list[dict]:
         out.append({"name": f"separate pools / unified, n={n}", "value": ratio(tokens_per_s(phases, SEPARATE, n),
                                                                                tokens_per_s(phases, LORAFLEET, n)),
                     "target": None})
+    for n in cfg.affinity_counts:
+        out.append({"name": f"adapter affinity / first come first served, n={n}",
+                    "value": ratio(tokens_per_s(phases, AFFINITY, n), tokens_per_s(phases, LORAFLEET, n)), "target": None})
     for r in out:
         r["met"] = None if r["value"] is None or r["target"] is None else r["value"] >= r["target"]
     return out
@@ -532,7 +545,7 @@ def internals_rows(phases: list[Phase]) -> list[list[str]]:
         if not g:
             continue
         mean_max = lambda key: f"{g[key]['mean']:g} / {g[key]['max']:g}" if key in g else "-"  # noqa: E731
-        rows.append([p.system, str(p.n), mean_max("batch"), mean_max("queue"), mean_max("adapters_in_pool"),
+        rows.append([p.system, str(p.n), mean_max("batch"), mean_max("step_adapters"), mean_max("queue"), mean_max("adapters_in_pool"),
                      mean_max("pages_kv"), mean_max("pages_adapter"), mean_max("pages_free")])
     return rows
 
@@ -586,7 +599,7 @@ def markdown(cfg: BenchConfig, phases: list[Phase], ratio_rows: list[dict], meta
          "" if r["target"] is None else f"≥ {r['target']:g}× " + ("(met)" if r["met"] else "(missed)")]
         for r in ratio_rows])]
     lines += ["", "lorafleet's gauges during each load test (mean / max of one sample a second):", "",
-              *md_table(["system", "adapters n", "running batch", "queue", "adapters in pool", "KV pages",
+              *md_table(["system", "adapters n", "running batch", "adapters per step", "queue", "adapters in pool", "KV pages",
                          "adapter pages", "free pages"], internals_rows(phases))]
     if peft_rows(phases):
         lines += ["", "The HF PEFT baseline's batches (over the server's life, warm-up included):", "",
@@ -691,7 +704,7 @@ def systems(text: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = set(names) - set(BenchConfig.__dataclass_fields__["systems"].default)
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"{text!r}: choose from lorafleet, ceiling, peft, separate")
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from lorafleet, ceiling, peft, separate, affinity")
     return names
 
 
@@ -707,7 +720,11 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--separate-counts", type=counts, default=d["separate_counts"].default, metavar="N,N,...",
                    help="n for the separate-pools ablation (empty: none)")
     p.add_argument("--systems", type=systems, default=d["systems"].default, metavar="S,S,...",
-                   help="which servers to run: lorafleet, ceiling, peft, separate (default all)")
+                   help="which servers to run: lorafleet, ceiling, peft, separate, affinity (default all)")
+    p.add_argument("--affinity-counts", type=counts, default=d["affinity_counts"].default, metavar="N,N,...",
+                   help="n for adapter-aware admission (empty: none)")
+    p.add_argument("--affinity-steps", type=int, default=d["affinity_steps"].default,
+                   help="the affinity runs' --adapter-affinity")
     p.add_argument("--dtype", default=d["dtype"].default, choices=["float32", "bfloat16", "float16"],
                    help="of both servers (the same on both sides)")
     p.add_argument("--rate", type=float, default=d["rate"].default, help="arrivals per second")

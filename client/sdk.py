@@ -92,6 +92,8 @@ class ServerInfo:
     pool_pages: int  # per replica
     vocab_size: int
     version: str
+    prefix_cache: bool = True  # KV of shared prefixes reused per adapter
+    adapter_affinity: int = 0  # steps a request may wait for ones whose adapter is in the batch
 
 
 def _plain(cls, message):

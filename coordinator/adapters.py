@@ -158,10 +158,21 @@ class AdapterTable:
     def host_bytes(self) -> int:
         return sum(e.info.host_bytes for e in self.entries.values() if e.state == AdapterState.HOST_READY)
 
+    def expected_bytes(self, entry: AdapterEntry) -> int:
+        """Host memory a read of entry will take: its size at an earlier read, else the largest read so far."""
+        if entry.info:
+            return entry.info.host_bytes
+        return max((e.info.host_bytes for e in self.entries.values() if e.info), default=0)
+
+    @property
+    def reading_bytes(self) -> int:
+        """Host memory the reads in flight will take."""
+        return sum(self.expected_bytes(e) for e in self.entries.values() if e.state == AdapterState.READING)
+
     def over_capacity(self, keep: str | None = None, need: int = 0) -> list[str]:
         """Host copies to drop, least recently used first, so that the rest and `need` more bytes
         fit: only adapters that no request uses (they leave the pool too)."""
-        excess = self.host_bytes + need - self.capacity
+        excess = self.host_bytes + self.reading_bytes + need - self.capacity
         dropped = []
         idle = sorted((e for e in self.entries.values()
                        if e.state == AdapterState.HOST_READY and e.users == 0 and e.name != keep), key=lambda e: e.last_used)

@@ -41,6 +41,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batched-tokens", type=int, default=2048, help="tokens in one step at most; longer prompts are prefilled in chunks")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="recompute every prompt instead of reusing the KV of prefixes cached per adapter")
+    p.add_argument("--adapter-affinity", type=int, default=0, metavar="STEPS",
+                   help="admit queued requests whose adapter is already in the batch before older ones whose adapter "
+                        "is not, passing a request over in at most STEPS steps (0: first come, first served)")
     p.add_argument("--step-timeout", type=float, default=60.0,
                    help="seconds one step may take; past it the replica is declared failed (and rebuilt by serve)")
 
@@ -55,6 +58,7 @@ def engine_config(args):
         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens, ray_address=args.ray_address,
         placement_strategy=args.placement_strategy, step_timeout=args.step_timeout,
         max_queue=getattr(args, "max_queue", None), prefix_cache=args.prefix_cache,
+        adapter_affinity=args.adapter_affinity,
     )
 
 

@@ -22,6 +22,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     prefix_cache: bool = True  # reuse the KV of cached prefixes (per adapter and content version)
+    adapter_affinity: int = 0  # steps a request may be passed over for ones whose adapter is in the batch (0: FCFS)
     max_queue: int | None = None  # None: sized from the pool (server.queue_limit)
     step_timeout: float = 60.0  # seconds a step may take before its replica is declared failed
     ray_address: str | None = None  # None: an embedded Ray when tp > 1
@@ -39,6 +40,8 @@ class EngineConfig:
             raise ValueError(f"--tp must be at least 1, got {self.tp}")
         if self.host_cache_bytes < 0:
             raise ValueError("--host-cache-bytes must be >= 0")
+        if self.adapter_affinity < 0:
+            raise ValueError(f"--adapter-affinity must be >= 0 steps, got {self.adapter_affinity}")
         for name in ("max_lora_rank", "max_num_seqs", "max_batched_tokens", "max_queue"):
             if (getattr(self, name) or 1) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

@@ -38,12 +38,14 @@ class Engine:
         info = self.executor.call_all("info")[0]
         self.model = info.model
         max_len = min(cfg.max_model_len or self.model.max_position, self.model.max_position)
-        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_batched_tokens, max_len, cfg.prefix_cache),
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_batched_tokens, max_len, cfg.prefix_cache,
+                                                   cfg.adapter_affinity),
                                    page_plan(info.num_pages), eos_ids=self.model.eos_token_ids)
         self.adapters = AdapterTable(cfg.adapters_dir, cfg.host_cache_bytes)
         self.tokenizer = Tokenizer(cfg.model_dir) if Tokenizer.exists(cfg.model_dir) else None
         self.parser = RequestParser(self.tokenizer, self.model.vocab_size)
         self.steps = 0
+        self.step_adapters = 0  # distinct adapters in the last step that ran
         self._dropped: list[str] = []  # host copies the next Step tells the workers to drop
 
     # ------------------------------------------------------------- adapters
@@ -53,16 +55,16 @@ class Engine:
 
     def next_read(self) -> tuple[str, Path, int] | None:
         """The next adapter to read (now READING), after dropping idle host copies to make room; None
-        if none is due, or if host memory is held by adapters that queued requests use: the read
-        starts when one of those finishes, so host memory stays within its bound (plus one adapter)."""
+        if none is due, or if host memory is held by adapters that queued requests use or that reads
+        in flight will fill: the read starts when one of those finishes, so host memory stays within
+        its bound (plus one adapter, and whatever an adapter not read before exceeds the largest one)."""
         due = self.adapters.reads_due()
         if not due:
             return None
         name = due[0]
-        known = self.adapters.get(name).info  # from an earlier read, if any
-        need = known.host_bytes if known else 0
+        need = self.adapters.expected_bytes(self.adapters.get(name))
         self._drop_host_copies(self.adapters.over_capacity(keep=name, need=need))
-        held = self.adapters.host_bytes
+        held = self.adapters.host_bytes + self.adapters.reading_bytes
         if held and held + need > self.adapters.capacity:
             return None
         if name in self._dropped:  # a drop not yet sent must not hit the copy this read makes
@@ -170,6 +172,7 @@ class Engine:
             self.adapters.changed.add(name)  # residency shows in the snapshot
         sampled = self.executor.call_all("execute", step, timeout=self.cfg.step_timeout)[0]
         self.steps += 1
+        self.step_adapters = len({w.adapter for w in step.seqs} - {None})
         outputs = self.scheduler.postprocess(sampled.tokens, sampled.logprobs)
         for out in outputs:
             if out.finished:

@@ -119,6 +119,7 @@ class ReplicaSnapshot:
     healthy: bool = True
     error: str | None = None
     steps: int = 0
+    step_adapters: int = 0  # distinct adapters in the last step
     waiting: int = 0  # in the scheduler's queue
     parked: int = 0  # waiting for their adapter to be read
     running: int = 0

@@ -26,6 +26,7 @@ class Metrics:
         self.e2e = Histogram("lorafleet_request_latency_seconds", "End-to-end request latency", per_request, buckets=_LATENCY, registry=r)
         self.queue = Gauge("lorafleet_queue_length", "Sequences waiting", ["replica"], registry=r)
         self.batch = Gauge("lorafleet_running_batch_size", "Sequences running", ["replica"], registry=r)
+        self.step_adapters = Gauge("lorafleet_step_adapters", "Distinct adapters in the replica's last step", ["replica"], registry=r)
         self.pages = Gauge("lorafleet_pool_pages", "Pool pages by use", ["replica", "use"], registry=r)
         self.prefix_queried = Counter("lorafleet_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache, by adapter",
                                       ["adapter"], registry=r)
@@ -62,6 +63,7 @@ class Metrics:
         s, replica = snapshot, str(snapshot.index)
         self.queue.labels(replica).set(s.waiting + s.parked)
         self.batch.labels(replica).set(s.running)
+        self.step_adapters.labels(replica).set(s.step_adapters)
         for use, pages in (("kv", s.kv_pages), ("adapter", s.adapter_pages), ("cache", s.cache_pages), ("free", s.free_pages)):
             self.pages.labels(replica, use).set(pages)
         for adapter, (queried, hit) in s.prefix_tokens.items():

@@ -33,6 +33,8 @@ from .sequence import Request, Sequence
 
 log = logging.getLogger(__name__)
 
+READS_AHEAD = 4  # adapter reads queued on the loader at once (host memory counts them before they start)
+
 ERROR_CODES = (
     (AdapterPathDenied, Code.PERMISSION_DENIED),
     (AdapterNotFound, Code.NOT_FOUND),
@@ -100,7 +102,7 @@ class Replica:
         self._loads: dict[str, list[int]] = {}  # adapter -> LoadAdapter replies waiting for its read
         self._unloads: dict[str, _Unload] = {}
         self._views: dict[str, AdapterView] = {}
-        self._reading = False
+        self._reads = 0  # adapter reads submitted to the loader and not reported yet
         self._loader = ThreadPoolExecutor(1, thread_name_prefix=f"adapter-loader-{index}",
                                           initializer=name_os_thread, initargs=(f"adapter-loader{index}",))
         self._thread = threading.Thread(target=self._run, name=f"replica-{index}", daemon=True)
@@ -288,18 +290,20 @@ class Replica:
     # ------------------------------------------------------------- adapters
 
     def _start_read(self) -> None:
-        if self._reading or self.error is not None:
-            return
-        read = self.engine.next_read()
-        if read is None:
-            return
-        name, folder, generation = read
-        self._reading = True
-        future = self._loader.submit(self.engine.read_adapter, name, folder)
-        future.add_done_callback(lambda f: self.send(_ReadDone(name, generation, f)))
+        """Queues up to READS_AHEAD reads on the loader thread, which runs them back to back while
+        steps run: its reports wait for the next turn of the loop, so one read per turn would let a
+        long step hold the next read back."""
+        while self._reads < READS_AHEAD and self.error is None:
+            read = self.engine.next_read()
+            if read is None:
+                return
+            name, folder, generation = read
+            self._reads += 1
+            future = self._loader.submit(self.engine.read_adapter, name, folder)
+            future.add_done_callback(lambda f, name=name, generation=generation: self.send(_ReadDone(name, generation, f)))
 
     def _read_done(self, done: _ReadDone, out: list) -> None:
-        self._reading = False
+        self._reads -= 1
         try:
             infos, error = done.future.result(), None
         except AdapterError as e:
@@ -387,6 +391,7 @@ class Replica:
         plan = s.plan
         self.snapshot = ReplicaSnapshot(
             index=self.index, healthy=self.error is None, error=self.error, steps=self.engine.steps,
+            step_adapters=self.engine.step_adapters,
             waiting=len(s.waiting), parked=sum(len(w) for w in self._parked.values()), running=len(s.running),
             kv_pages=plan.kv_pages, adapter_pages=plan.adapter_pages, free_pages=plan.free_pages,
             cache_pages=plan.cache_pages, num_pages=plan.num_pages, preemptions=s.preemptions,

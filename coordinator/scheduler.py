@@ -5,8 +5,11 @@ Each iteration `schedule()` spends a budget of `max_batched_tokens` tokens, in t
    last (preempting the newest running sequence when the pool is full);
 2. then the running sequences whose prefill is in progress, oldest first, continue with a
    chunk of at most the remaining budget;
-3. then waiting sequences are admitted, first come first served, each with a first chunk of at
-   most the remaining budget, while pages, the budget and max_num_seqs allow.
+3. then waiting sequences are admitted, each with a first chunk of at most the remaining budget,
+   while pages, the budget and max_num_seqs allow: first come first served, except that a
+   request whose adapter is already in the batch (or that needs none) may go before older ones
+   whose adapter is not, so a step touches fewer distinct adapters; a request is passed over so
+   in at most `adapter_affinity` steps, then it goes first (0: strictly first come first served).
 So a long prompt is prefilled over several steps and never stops the running streams, and
 `max_batched_tokens` bounds the tokens of a step, not the length of a prompt.
 
@@ -14,7 +17,8 @@ Pages: a sequence holds one page per token computed so far, plus those of this s
 admission asks that the sequence's remaining tokens (and a decode page for each running
 sequence) are free now, and `add` refuses a request that could never fit the pool or the
 context. A chunk that cannot get its pages is skipped for this step (and no one is admitted
-after it). Preemption drops a sequence's pages, prefilled in part or not, and recomputes it from 0.
+after it). Preemption drops a sequence's pages, prefilled in part or not (what it computed joins
+the prefix cache first), and recomputes it from the longest prefix still cached (0 without the cache).
 
 Prefix cache (prefix_cache.py): a sequence starts with the longest cached prefix of its
 tokens under its adapter's identity (never all of them: its last token runs to give the first
@@ -28,12 +32,16 @@ sequences free their pages at once. Pure Python: no torch, no communication.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
 from ..worker.step import SeqWork, Step, TokenLogprobs
 from .pages import PagePlan
 from .sequence import Request, Sequence, Status
+
+
+AFFINITY_WINDOW = 256  # how far into the queue admission looks for a request whose adapter is in the batch
 
 
 class RequestTooLarge(ValueError):
@@ -46,6 +54,7 @@ class SchedulerConfig:
     max_batched_tokens: int = 2048
     max_model_len: int = 2048
     prefix_cache: bool = True
+    adapter_affinity: int = 0  # steps a request may be passed over for ones whose adapter is in the batch
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_batched_tokens < 1 or self.max_model_len < 2:
@@ -146,14 +155,21 @@ class Scheduler:
                 break
             budget -= len(work.token_ids)
             scheduled.append((seq, work))
+        in_batch = {None} | {s.adapter for s in self.running}
+        passed_over: dict[int, Sequence] = {}
         while admit and budget > 0 and self.waiting and len(self.running) < self.cfg.max_num_seqs:
-            seq = self.waiting[0]
+            at = self._pick(in_batch)
+            seq = self.waiting[at]
             work = self._admit(seq, budget, step)
             if work is None:
                 break
-            self.waiting.popleft()
+            passed_over.update((s.seq_id, s) for s in itertools.islice(self.waiting, at))
+            del self.waiting[at]
+            in_batch.add(seq.adapter)
             budget -= len(work.token_ids)
             scheduled.append((seq, work))
+        for seq in passed_over.values():
+            seq.passed_over += 1
         scheduled.sort(key=lambda sw: (sw[0].adapter or "", sw[0].seq_id))  # one run of tokens per adapter
         self._scheduled = [(s, s.computed == s.total_len, w.prefix is not None or len(w.token_ids) > 1) for s, w in scheduled]
         step.seqs = [w for _, w in scheduled]
@@ -161,6 +177,17 @@ class Scheduler:
         step.finished, step.evicted_adapters = self._finished_ids, self._evicted
         self._finished_ids, self._evicted = [], []
         return step
+
+    def _pick(self, in_batch: set[str | None]) -> int:
+        """Where in the queue the next admission comes from: the oldest request that needs no adapter
+        new to the batch or was passed over in adapter_affinity steps already, among the first
+        AFFINITY_WINDOW; else the oldest. So no request is passed over in more than adapter_affinity steps."""
+        limit = self.cfg.adapter_affinity
+        if limit:
+            for at, seq in enumerate(itertools.islice(self.waiting, AFFINITY_WINDOW)):
+                if seq.adapter in in_batch or seq.passed_over >= limit:
+                    return at
+        return 0
 
     def _page_for_decode(self, seq: Sequence) -> int | None:
         while True:

@@ -40,6 +40,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     preemptions: int = 0
+    passed_over: int = 0  # steps in which a younger request was admitted first (adapter affinity)
     cache_key: tuple[str, str] = ("", "")  # (adapter, its content version) when it last started: the prefix cache's key
     cached_tokens: int = 0  # tokens found in the prefix cache when it last started
 

@@ -374,7 +374,8 @@ class LoraFleetService:
             model=str(Path(e.model_dir).name), dtype=e.dtype, tp=e.tp, replicas=len(self.fleet.replicas),
             max_lora_rank=e.max_lora_rank, max_model_len=self.facts.max_model_len, max_num_seqs=e.max_num_seqs,
             max_batched_tokens=e.max_batched_tokens, pool_pages=self.facts.pool_pages,
-            vocab_size=self.facts.vocab_size, version=_version())
+            vocab_size=self.facts.vocab_size, version=_version(), prefix_cache=e.prefix_cache,
+            adapter_affinity=e.adapter_affinity)
 
 
 def _info(listing: AdapterListing) -> pb.AdapterInfo:

@@ -22,7 +22,12 @@ class AttentionBatch:
 
     query_start: (S + 1,) int64, tokens of sequence i are rows query_start[i]:query_start[i+1].
     context_lens: (S,) int64, keys of sequence i after this step (its cached tokens plus the new ones).
-    page_table: (S, max_context) int64, KV page of each position of sequence i (padded with 0).
+    page_table: (R, W) int64, contiguous, the worker's table kept across steps: row r holds the KV
+        pages of the sequence that owns it, position by position. It may have more rows and columns
+        than the step uses; only page_table[table_rows[i], :context_lens[i]] is ever read, whatever
+        the other cells hold.
+    table_rows: (S,) int64, the row of page_table that holds sequence i's pages, so sequence i's
+        position j is page page_table[table_rows[i], j]; nothing of the table is copied per step.
     slots: (T,) int64, the page each new token's K and V are written to.
     decode_rows: (S_d,) sequences with exactly one new token, in step order.
     prefill_rows: python list of the others (they take one call each).
@@ -31,12 +36,13 @@ class AttentionBatch:
     query_start: torch.Tensor
     context_lens: torch.Tensor
     page_table: torch.Tensor
+    table_rows: torch.Tensor
     slots: torch.Tensor
     decode_rows: torch.Tensor
     prefill_rows: list[int]
     query_start_list: list[int]
     context_lens_list: list[int]
-    _cpu_checked: object = field(default=None, repr=False)  # the page table kernels/cpu.py has checked
+    _cpu_checked: bool = field(default=False, repr=False)  # kernels/cpu.py has checked the metadata
 
 
 def write_kv(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -63,7 +69,8 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch: AttentionBatch, 
 
     For sequence i with n_i new tokens and c_i = context_lens[i], new token j sits at
     position c_i - n_i + j and attends to positions 0..c_i - n_i + j:
-        out[t] = softmax(q[t] K_i[:p+1].T / sqrt(d)) V_i[:p+1], K_i/V_i read from pool[page_table[i]],
+        out[t] = softmax(q[t] K_i[:p+1].T / sqrt(d)) V_i[:p+1], K_i/V_i read from
+        pool[page_table[table_rows[i], :c_i]],
     with query head h reading kv head h // (H / num_kv_heads) (grouped-query attention).
     q: (T, H, d); pool: (P, D); returns (T, H, d) in q.dtype.
     """
@@ -94,7 +101,7 @@ def _attention_reference(q: torch.Tensor, pool: torch.Tensor, batch: AttentionBa
     starts, ctx = batch.query_start_list, batch.context_lens_list
     for i in batch.prefill_rows:
         n, c = starts[i + 1] - starts[i], ctx[i]
-        k, v = _gather_kv(pool, batch.page_table[i, :c], num_kv_heads, head_dim)
+        k, v = _gather_kv(pool, batch.page_table[batch.table_rows[i], :c], num_kv_heads, head_dim)
         qi = q[starts[i]:starts[i + 1]].transpose(0, 1)  # (H, n, d)
         # causal with an offset: new token j sees keys 0..c-n+j
         mask = torch.ones(n, c, dtype=torch.bool, device=q.device).tril(diagonal=c - n)
@@ -105,8 +112,9 @@ def _attention_reference(q: torch.Tensor, pool: torch.Tensor, batch: AttentionBa
         lens = batch.context_lens[rows]
         width = int(lens.max())
         mask = torch.arange(width, device=q.device)[None, :] < lens[:, None]  # (S, L)
+        pages = batch.page_table[batch.table_rows[rows], :width]  # (S, L)
         # padded positions read the sequence's first page: masked-out keys must still be finite
-        pages = torch.where(mask, batch.page_table[rows, :width], batch.page_table[rows, :1])
+        pages = torch.where(mask, pages, pages[:, :1])
         k, v = _gather_kv(pool, pages, num_kv_heads, head_dim)  # (S, kvh, L, d)
         token_rows = batch.query_start[rows]
         qd = q[token_rows].unsqueeze(2)  # (S, H, 1, d)

@@ -121,8 +121,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"lora_expand_{suffix}").argtypes = [p, i, p, p, p, i, i, p, i, p, i, p, p, p, i, p, p, p, i, i]
         getattr(lib, f"lora_shrink_{suffix}").restype = None
         getattr(lib, f"lora_expand_{suffix}").restype = None
-        getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, p, i, p, p, i, i, i, i, ctypes.c_float, i]
-        getattr(lib, f"paged_attention_{suffix}").restype = None
+        getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, i, p, i, p, p, p, i, i, i, i, ctypes.c_float, i]
+        getattr(lib, f"paged_attention_{suffix}").restype = i
     lib.lorafleet_native_bf16.argtypes = []
     lib.lorafleet_native_bf16.restype = ctypes.c_int
     return lib
@@ -145,18 +145,18 @@ class Segments:
 
     @staticmethod
     def of(token_adapter: torch.Tensor, num_adapters: int) -> "Segments":
-        rows_of: dict[int, list[int]] = {}
-        for t, a in enumerate(token_adapter.tolist()):
-            if a >= 0:
-                if a >= num_adapters:
-                    raise ValueError(f"LoRA op: token {t} names adapter {a}, the page table has {num_adapters}")
-                rows_of.setdefault(a, []).append(t)
-        order, start = [], [0]
-        for rows in rows_of.values():
-            order += rows
-            start.append(len(order))
-        as_long = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-        return Segments(as_long(order), as_long(start), as_long(list(rows_of)))
+        """Tokens in step order within each segment, segments by adapter index; no Python loop over tokens."""
+        token_adapter = token_adapter.to(torch.int64)
+        rows = (token_adapter >= 0).nonzero().squeeze(1)
+        adapters = token_adapter[rows]
+        beyond = (adapters >= num_adapters).nonzero()
+        if beyond.numel():
+            t = int(rows[beyond[0, 0]])
+            raise ValueError(f"LoRA op: token {t} names adapter {int(token_adapter[t])}, the page table has {num_adapters}")
+        adapters, by_adapter = adapters.sort(stable=True)
+        adapter, counts = torch.unique_consecutive(adapters, return_counts=True)
+        start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return Segments(rows[by_adapter].contiguous(), start, adapter.contiguous())
 
 
 @dataclass
@@ -232,27 +232,34 @@ def expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch, group) -
 
 
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch, num_kv_heads: int) -> torch.Tensor:
-    """As kernels.attention.paged_attention, for CPU tensors (head counts checked there)."""
+    """As kernels.attention.paged_attention, for CPU tensors (head counts checked there).
+
+    The C code reads each sequence's pages through its table row and checks them against the pool
+    before it reads K or V; the metadata it trusts (rows, lengths, token ranges) is checked here,
+    once per step: O(sequences), nothing of the table is scanned or copied."""
     num_tokens, num_heads, head_dim = q.shape
     if 2 * num_kv_heads * head_dim > pool.shape[1] or not pool.is_contiguous():
         raise ValueError(f"paged_attention: pool {tuple(pool.shape)} must be contiguous with rows of >= {2 * num_kv_heads * head_dim}")
-    table, starts, lens = batch.page_table, batch.query_start, batch.context_lens
-    if not all(t.dtype == torch.int64 and t.is_contiguous() for t in (table, starts, lens)):
-        table, starts, lens = (t.to(torch.int64).contiguous() for t in (table, starts, lens))
-    if batch._cpu_checked is not table:  # once per step: the C code must not read outside the pool
-        if table.numel() and (int(table.min()) < 0 or int(table.max()) >= pool.shape[0]):
-            raise ValueError(f"paged_attention: the page table points outside the pool's {pool.shape[0]} pages")
+    table, rows, starts, lens = batch.page_table, batch.table_rows, batch.query_start, batch.context_lens
+    if not all(t.dtype == torch.int64 and t.is_contiguous() for t in (table, rows, starts, lens)):
+        raise ValueError("paged_attention: page_table, table_rows, query_start and context_lens must be contiguous int64")
+    if not batch._cpu_checked:  # once per step: the C code must not read outside the table
         news = starts[1:] - starts[:-1]
-        if int(starts[-1]) != num_tokens or bool((news < 1).any() | (lens < news).any() | (lens > table.shape[1]).any()):
-            raise ValueError("paged_attention: query_start, context_lens and the page table disagree")
-        batch._cpu_checked = table
+        if (table.dim() != 2 or rows.shape != lens.shape or starts.shape[0] != lens.shape[0] + 1
+                or int(starts[-1]) != num_tokens
+                or bool((news < 1).any() | (lens < news).any() | (lens > table.shape[1]).any()
+                        | (rows < 0).any() | (rows >= table.shape[0]).any())):
+            raise ValueError("paged_attention: query_start, context_lens, table_rows and the page table disagree")
+        batch._cpu_checked = True
     q = q if q.stride(2) == 1 and q.stride(1) == head_dim else q.contiguous()
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype)
     fn = getattr(library(), f"paged_attention_{SUFFIX[q.dtype]}")
-    fn(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0),
-       pool.data_ptr(), pool.shape[1], table.data_ptr(), table.shape[1],
-       starts.data_ptr(), lens.data_ptr(), lens.numel(),
-       num_heads, num_kv_heads, head_dim, head_dim ** -0.5, torch.get_num_threads())
+    bad = fn(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0),
+             pool.data_ptr(), pool.shape[1], pool.shape[0], table.data_ptr(), table.shape[1], rows.data_ptr(),
+             starts.data_ptr(), lens.data_ptr(), lens.numel(),
+             num_heads, num_kv_heads, head_dim, head_dim ** -0.5, torch.get_num_threads())
+    if bad:
+        raise ValueError(f"paged_attention: the page table row of sequence {bad - 1} points outside the pool's {pool.shape[0]} pages")
     return out
 
 

@@ -2,13 +2,18 @@
  *
  * The op of kernels/attention.py (whose torch reference is the spec): pool row p holds
  * one token's K (kv_heads x head_dim) then its V; position j of sequence i is page
- * page_table[i][j]. New token k of sequence i (n_i new tokens, context c_i) sits at
- * position c_i - n_i + k and attends to positions 0 .. c_i - n_i + k. Query head h
- * reads kv head h / (H / kv_heads) (grouped-query attention); the query heads of one
- * kv head are done together, so each K and V row is read once per token.
+ * page_table[table_rows[i]][j] (the worker's table, kept across steps: only the first c_i
+ * entries of a sequence's row are read). New token k of sequence i (n_i new tokens,
+ * context c_i) sits at position c_i - n_i + k and attends to positions 0 .. c_i - n_i + k.
+ * Query head h reads kv head h / (H / kv_heads) (grouped-query attention); the query heads
+ * of one kv head are done together, so each K and V row is read once per token.
  *
  * Softmax and accumulation are in float32 for every storage type. Sequences run in
  * parallel (OpenMP) when asked for more than one thread.
+ *
+ * Before a sequence reads K or V, its c_i page ids are checked against the pool's num_pages;
+ * a sequence that points outside is skipped and the call returns its index + 1 (0 when all
+ * are inside). The caller checks the rest (rows, lengths, token ranges) once per step.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -36,6 +41,13 @@ static inline float exp_nonpositive(float x) {
     return zero ? 0.0f : p * two_n.f;
 }
 
+/* Whether every one of the count page ids is a row of the pool. */
+static inline int pages_inside(const int64_t *pages, int64_t count, int64_t num_pages) {
+    int outside = 0;
+    for (int64_t p = 0; p < count; p++) outside |= (uint64_t)pages[p] >= (uint64_t)num_pages;
+    return !outside;
+}
+
 /* Pages are scattered, so the hardware prefetcher cannot guess the next key: ask for the
  * row AHEAD positions on while this one is used. */
 #define AHEAD 4
@@ -44,17 +56,24 @@ static inline void prefetch_row(const void *p, int64_t bytes) {
 }
 
 #define DEFINE_ATTENTION(T, SUFFIX)                                                                             \
-void paged_attention_##SUFFIX(                                                                                  \
+int64_t paged_attention_##SUFFIX(                                                                               \
     const T *q, int64_t q_stride_t, T *out, int64_t out_stride_t,                                               \
-    const T *pool, int64_t row_dim, const int64_t *page_table, int64_t max_context,                             \
+    const T *pool, int64_t row_dim, int64_t num_pages,                                                          \
+    const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,                                 \
     const int64_t *query_start, const int64_t *context_lens, int64_t num_seqs,                                  \
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)                    \
 {                                                                                                               \
     const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim;                          \
+    int64_t outside = 0;                                                                                        \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_seqs > 1)")       \
     for (int64_t i = 0; i < num_seqs; i++) {                                                                    \
         const int64_t first = query_start[i], n = query_start[i + 1] - first, c = context_lens[i];              \
-        const int64_t *pages = page_table + i * max_context;                                                    \
+        const int64_t *pages = page_table + table_rows[i] * table_stride;                                       \
+        if (!pages_inside(pages, c, num_pages)) {                                                               \
+            _Pragma("omp atomic write")                                                                         \
+            outside = i + 1;                                                                                    \
+            continue;                                                                                           \
+        }                                                                                                       \
         float *w = malloc(sizeof(float) * ratio * c), *qf = malloc(sizeof(float) * ratio * head_dim);           \
         float *acc = malloc(sizeof(float) * ratio * head_dim);                                                  \
         for (int64_t k = 0; k < n; k++) {                                                                       \
@@ -105,6 +124,7 @@ void paged_attention_##SUFFIX(                                                  
         free(qf);                                                                                               \
         free(acc);                                                                                              \
     }                                                                                                           \
+    return outside;                                                                                             \
 }
 
 DEFINE_ATTENTION(float, f32)
@@ -159,23 +179,29 @@ static inline __attribute__((always_inline)) void pv_bf16(const float *w, int64_
         _mm256_mask_storeu_epi16(out + ch * 16, (__mmask16)lanes_mask(head_dim - ch * 16), (__m256i)_mm512_cvtneps_pbh(acc[ch]));
 }
 
-void paged_attention_bf16(
+int64_t paged_attention_bf16(
     const bf16 *q, int64_t q_stride_t, bf16 *out, int64_t out_stride_t,
-    const bf16 *pool, int64_t row_dim, const int64_t *page_table, int64_t max_context,
+    const bf16 *pool, int64_t row_dim, int64_t num_pages,
+    const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,
     const int64_t *query_start, const int64_t *context_lens, int64_t num_seqs,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)
 {
-    if (head_dim > 256) {
-        paged_attention_bf16_generic(q, q_stride_t, out, out_stride_t, pool, row_dim, page_table, max_context,
-                                     query_start, context_lens, num_seqs, num_heads, num_kv_heads, head_dim, scale, threads);
-        return;
-    }
+    if (head_dim > 256)
+        return paged_attention_bf16_generic(q, q_stride_t, out, out_stride_t, pool, row_dim, num_pages,
+                                            page_table, table_stride, table_rows, query_start, context_lens,
+                                            num_seqs, num_heads, num_kv_heads, head_dim, scale, threads);
     const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim;
     const int64_t chunks = (head_dim + 31) / 32;
+    int64_t outside = 0;
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_seqs > 1)")
     for (int64_t i = 0; i < num_seqs; i++) {
         const int64_t first = query_start[i], n = query_start[i + 1] - first, c = context_lens[i];
-        const int64_t *pages = page_table + i * max_context;
+        const int64_t *pages = page_table + table_rows[i] * table_stride;
+        if (!pages_inside(pages, c, num_pages)) {
+            _Pragma("omp atomic write")
+            outside = i + 1;
+            continue;
+        }
         float *w = malloc(sizeof(float) * ratio * c);
         for (int64_t k = 0; k < n; k++) {
             const int64_t t = first + k, last = c - n + k; /* sees positions 0 .. last */
@@ -232,6 +258,7 @@ void paged_attention_bf16(
         }
         free(w);
     }
+    return outside;
 }
 #else
 DEFINE_ATTENTION(bf16, bf16)

@@ -2,7 +2,8 @@
 
 `pool[p, :kv_size]` is one token's K and `pool[p, kv_size:2 * kv_size]` its V, each
 (num_kv_heads, head_dim) row-major; position j of sequence i lives in page
-`page_table[i, j]`. The kernels gather K and V through the page table.
+`page_table[table_rows[i], j]` (the worker's table, kept across steps). The kernels gather
+K and V through the page table, reading no more of a row than the sequence's context.
 
 One attention kernel serves prefill and decode. A program owns one kv head and a tile
 of query rows; row m is query head `kv_head * RATIO + m % RATIO` of token `m // RATIO`
@@ -69,7 +70,7 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch: AttentionBatch, 
         return out
     ratio = num_heads // num_kv_heads
     args = (
-        q, pool, out, batch.page_table, batch.query_start, batch.context_lens,
+        q, pool, out, batch.page_table, batch.table_rows, batch.query_start, batch.context_lens,
         pool.shape[1], batch.page_table.shape[1], head_dim, num_heads, num_kv_heads, 1.0 / math.sqrt(head_dim),
     )
     constants = dict(
@@ -112,11 +113,13 @@ def _check_attention(q: torch.Tensor, pool: torch.Tensor, batch: AttentionBatch,
         raise ValueError(f"triton paged_attention: {q.shape[1]} query heads are not a multiple of {num_kv_heads} kv heads")
     if pool.dim() != 2 or pool.dtype != q.dtype or not pool.is_contiguous() or pool.shape[1] < 2 * num_kv_heads * q.shape[2]:
         raise ValueError(f"triton paged_attention: pool {tuple(pool.shape)} {pool.dtype} must be contiguous, {q.dtype}, rows >= {2 * num_kv_heads * q.shape[2]}")
-    metadata = (batch.query_start, batch.context_lens, batch.page_table, batch.decode_rows)
+    metadata = (batch.query_start, batch.context_lens, batch.page_table, batch.table_rows, batch.decode_rows)
     if any(t.dtype != torch.int64 or t.device != q.device for t in metadata) or not batch.page_table.is_contiguous():
         raise ValueError(f"triton paged_attention: batch tensors must be int64 on {q.device}, page_table contiguous")
     if batch.query_start.shape[0] != batch.context_lens.shape[0] + 1 or batch.query_start_list[-1] != q.shape[0]:
         raise ValueError(f"triton paged_attention: query_start does not cover the {q.shape[0]} tokens")
+    if batch.table_rows.shape != batch.context_lens.shape or batch.page_table.dim() != 2:
+        raise ValueError(f"triton paged_attention: table_rows {tuple(batch.table_rows.shape)} must give one page_table row per sequence")
 
 
 # ------------------------------------------------------------------ kernels
@@ -145,8 +148,8 @@ def _operand(t, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, pool_ptr, out_ptr, page_table_ptr, query_start_ptr, context_lens_ptr,
-    page_dim, max_context, head_dim, num_heads, num_kv_heads, sm_scale,
+    q_ptr, pool_ptr, out_ptr, page_table_ptr, table_rows_ptr, query_start_ptr, context_lens_ptr,
+    page_dim, table_stride, head_dim, num_heads, num_kv_heads, sm_scale,
     tiles_ptr, num_tiles,
     BLOCK_M: tl.constexpr, RATIO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -157,6 +160,7 @@ def _attention_kernel(
     first = tl.load(tiles_ptr + num_tiles + tile)
     count = tl.load(tiles_ptr + 2 * num_tiles + tile)
     q_start = tl.load(query_start_ptr + seq)
+    pages_ptr = page_table_ptr + tl.load(table_rows_ptr + seq) * table_stride  # the sequence's row
     # position of the sequence's first new token, then of the tile's first token
     tile_pos = tl.load(context_lens_ptr + seq) - (tl.load(query_start_ptr + seq + 1) - q_start) + first - q_start
 
@@ -177,7 +181,7 @@ def _attention_kernel(
     for key_start in range(0, tile_pos + count, BLOCK_N):
         pos = key_start + tl.arange(0, BLOCK_N)
         pos_ok = pos < tile_pos + count
-        page = tl.load(page_table_ptr + seq * max_context + pos, mask=pos_ok, other=0)
+        page = tl.load(pages_ptr + pos, mask=pos_ok, other=0)
         kv_row = page * page_dim + kv_head * head_dim
         k_t = tl.load(pool_ptr + kv_row[None, :] + d[:, None], mask=d_ok[:, None] & pos_ok[None, :], other=0.0)
         scores = tl.dot(q, _operand(k_t, UPCAST), input_precision="ieee") * qk_scale

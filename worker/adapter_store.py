@@ -28,7 +28,7 @@ class AdapterInfo:
     targets: tuple[str, ...]
     num_pages: int
     host_bytes: int  # this rank's packed copy in host memory
-    version: str  # a hash of the weights read (LoraWeights.digest): the prefix cache's key
+    version: str  # a hash of the files' contents as read (LoraWeights.version): the prefix cache's key
 
 
 @dataclass
@@ -53,7 +53,7 @@ class AdapterStore:
         layout = plan_layout(weights.ranks, weights.scales, self.model_cfg, self.shard, self.page_dim)
         packed = pack_adapter(weights, layout, self.model_cfg, self.shard, self.page_dim, self.dtype)
         info = AdapterInfo(name, weights.rank, tuple(weights.ranks), layout.num_pages,
-                           packed.numel() * packed.element_size(), weights.digest())
+                           packed.numel() * packed.element_size(), weights.version)
         with self._lock:
             self._items[name] = PackedAdapter(info, layout, packed)
         return info

@@ -63,22 +63,12 @@ class LoraWeights:
     ranks: dict[str, int]
     scales: dict[str, float]
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    version: str = ""  # a hash of the config and the tensors as read: equal files, equal versions
 
     @property
     def rank(self) -> int:
         return max(self.ranks.values())
 
-    def digest(self) -> str:
-        """A hash of the weights and scales: the adapter's content version. Equal weights give equal
-        digests wherever the files lie; new weights under the same name give a new one."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(repr(sorted(self.scales.items())).encode())
-        for key in sorted(self.weights):
-            h.update(repr(key).encode())
-            for t in self.weights[key]:
-                h.update(repr(tuple(t.shape)).encode())
-                h.update(t.contiguous().numpy())
-        return h.hexdigest()
 
 
 def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -> LoraWeights:
@@ -86,6 +76,9 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
     path = Path(path)
     config = read_config(name, path)
     tensors, spans = _read_tensors(name, path)
+    version = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=16)
+    version.update(repr(sorted((key, tuple(t.shape), t.dtype) for key, t in tensors.items())).encode())
+    version.update(memoryview(spans.data.numpy()))
     pairs = _pair_tensors(name, tensors, cfg)
     # one pass over all the weights; only if it fails is each pair checked, to name the one at fault
     finite = spans.all_finite()
@@ -110,7 +103,7 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
     for (layer, target), (a, _) in weights.items():
         if a.shape[0] != ranks[target]:
             raise AdapterError(name, f"{target} has rank {a.shape[0]} in layer {layer} but {ranks[target]} elsewhere; per-layer ranks are not supported")
-    return LoraWeights(name, ranks, scales, weights)
+    return LoraWeights(name, ranks, scales, weights, version.hexdigest())
 
 
 def read_config(name: str, path: Path) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .adapter_store import AdapterInfo, AdapterStore
-from .batch import PageRows, forward_batch
+from .batch import AdapterRows, PageRows, forward_batch
 from .comm import Comm
 from .config import ModelConfig, WorkerConfig
 from .loader import Shard
@@ -36,7 +36,8 @@ class Worker:
         self.pool = PagePool(self.model_cfg.num_layers, self._num_pages(), self.page_dim, cfg.torch_dtype, self.device)
         self.adapters = AdapterStore(self.model_cfg, shard, self.page_dim, cfg.torch_dtype, cfg.max_lora_rank)
         self.tables = PageTables()
-        self.page_rows = PageRows()  # the same page lists, as tensor rows for the attention kernels
+        self.page_rows = PageRows(device=self.device)  # the same page lists, as tensor rows for the attention kernels
+        self.adapter_rows = AdapterRows(self.model_cfg, shard, device=self.device)  # the pool's adapters, as tensor rows for the LoRA kernels
 
     def _num_pages(self) -> int:
         pool_bytes = self.cfg.pool_bytes
@@ -85,12 +86,10 @@ class Worker:
             self.pool.write(pages, item.packed)
         self.tables.apply(step)
         self.page_rows.apply(step)
+        self.adapter_rows.apply(step, self.adapters.layouts(step.load_adapters))
         if not step.seqs:
             return Sampled([]) if self.shard.rank == 0 else None
-        names = {w.adapter for w in step.seqs if w.adapter is not None}
-        adapter_pages = {n: self.tables.adapter_pages[n] for n in names}
-        batch = forward_batch(step.seqs, self.page_rows, adapter_pages, self.adapters.layouts(names),
-                              self.model_cfg, self.shard, self.device)
+        batch = forward_batch(step.seqs, self.page_rows, self.adapter_rows, self.device)
         logits = self.model.forward(batch, self.pool.pages)
         if self.shard.rank != 0:
             return None

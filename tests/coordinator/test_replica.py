@@ -54,7 +54,8 @@ def check_snapshot(replica: Replica) -> None:
     snap, engine = replica.snapshot, replica.engine
     s, plan, table = engine.scheduler, engine.scheduler.plan, engine.adapters
     plan.check()
-    assert (snap.waiting, snap.running, snap.steps) == (len(s.waiting), len(s.running), engine.steps)
+    assert (snap.waiting, snap.running, snap.steps, snap.step_adapters) == (len(s.waiting), len(s.running), engine.steps,
+                                                                            engine.step_adapters)
     assert (snap.kv_pages, snap.adapter_pages, snap.cache_pages, snap.free_pages) == \
         (plan.kv_pages, plan.adapter_pages, plan.cache_pages, plan.free_pages)
     assert snap.kv_pages + snap.adapter_pages + snap.cache_pages + snap.free_pages == snap.num_pages == plan.num_pages
@@ -233,6 +234,41 @@ def test_a_read_in_flight_never_makes_a_step_wait(tiny_models, root, monkeypatch
     assert max(during) < hold / 2
     assert tokens == peft_greedy(model, root / "r16_all", [5, 6], 4)
     assert len(long_tokens) == 400
+
+
+def test_reads_queue_up_on_the_loader_between_turns(tiny_models, root, monkeypatch):
+    """Requests for four adapters not read yet arrive together: one turn of the loop queues all four
+    reads (READS_AHEAD), so the loader runs them back to back while steps run, instead of one read
+    per turn; the next turn admits every request, and the tokens are PEFT's."""
+    reads = AdapterReads(monkeypatch, WAIT)
+    names = ["r1_v", "r2_q", "r8_k", "r16_all"]
+    engine = make_engine(tiny_models["llama_gqa"], root)
+    r = Replica(0, engine)
+    out: list = []
+    r.outbox = out.extend
+    try:
+        for i, name in enumerate(names):
+            r.send(AddRequest(i, Request(str(i), [5, 6], 3, name, ignore_eos=True)))
+        r.run_once()
+        deadline = time.monotonic() + WAIT
+        while len(reads.calls) < len(names) and time.monotonic() < deadline:  # no turn of the loop meanwhile
+            time.sleep(0.01)
+        assert sorted(n for n, _ in reads.calls) == sorted(names)
+        while r._reads and time.monotonic() < deadline:
+            r.run_once()
+        for _ in range(50):
+            if not r.engine.busy():
+                break
+            r.run_once()
+        tokens = {m.key: [] for m in out if isinstance(m, Tokens)}
+        for m in out:
+            if isinstance(m, Tokens):
+                tokens[m.key] += list(m.token_ids)
+        for i, name in enumerate(names):
+            assert tokens[i] == peft_greedy(tiny_models["llama_gqa"], root / name, [5, 6], 3)
+    finally:
+        r.stop()
+        engine.shutdown()
 
 
 def test_a_failed_step_ends_streams_with_unavailable(tiny_models, root, monkeypatch):

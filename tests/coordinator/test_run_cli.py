@@ -88,3 +88,22 @@ def test_tp_not_dividing_heads_is_a_clear_error(tiny_models, tmp_path):
                            "--output", str(tmp_path / "o.jsonl"), "--tp", "3"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "tp=3 does not divide the model's 4 attention heads" in done.stderr
+
+
+def test_scheduling_flags_keep_the_tokens(tiny_models, tiny_adapters, tmp_path):
+    """--no-prefix-cache and --adapter-affinity change what is computed and in which order, never the
+    tokens; a negative affinity is a clear error (exit 2)."""
+    shared = [9, 10, 11, 12, 13, 14, 15, 16]
+    lines = [{"id": i, "adapter": a, "prompt_token_ids": shared + [20 + i], "max_new_tokens": 5, "ignore_eos": True}
+             for i, a in enumerate(["r16_all", "r8_mlp", "r16_all", None, "r8_mlp", "r16_all"])]
+    root = adapters_root(tiny_adapters)
+    default, _ = _run(tiny_models["llama_gqa"], root, lines, tmp_path)
+    other, _ = _run(tiny_models["llama_gqa"], root, lines, tmp_path, "--no-prefix-cache", "--adapter-affinity", "4",
+                    "--max-num-seqs", "2")
+    assert [r["token_ids"] for r in default] == [r["token_ids"] for r in other]
+    assert default[0]["token_ids"] == peft_greedy(tiny_models["llama_gqa"], tiny_adapters["r16_all"], shared + [20], 5)
+    done = subprocess.run([LORAFLEET, "run", "--model", str(tiny_models["llama_gqa"]), "--input", str(tmp_path / "in.jsonl"),
+                           "--output", str(tmp_path / "o.jsonl"), "--adapter-affinity", "-1"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "--adapter-affinity must be >= 0 steps" in done.stderr

@@ -80,9 +80,9 @@ op = st.one_of(
 @settings(max_examples=150, deadline=None)
 @given(ops=st.lists(op, min_size=1, max_size=80), num_pages=st.integers(20, 120), seed=st.integers(0, 2**16),
        adapter_capacity=st.one_of(st.none(), st.integers(8, 16)), max_batched_tokens=st.sampled_from([3, 8, 24]),
-       prefix_cache=st.booleans())
-def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity, max_batched_tokens, prefix_cache):
-    run_ops(ops, num_pages, seed, adapter_capacity, max_batched_tokens, prefix_cache)
+       prefix_cache=st.booleans(), adapter_affinity=st.sampled_from([0, 0, 1, 3]))
+def test_pages_never_shared_or_leaked(ops, num_pages, seed, adapter_capacity, max_batched_tokens, prefix_cache, adapter_affinity):
+    run_ops(ops, num_pages, seed, adapter_capacity, max_batched_tokens, prefix_cache, adapter_affinity)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -103,22 +103,23 @@ def test_long_runs_with_shared_prefixes(seed):
         else:
             ops.append(("step",))
     hits = run_ops(ops, num_pages=rng.choice([40, 80, 160]), seed=seed, adapter_capacity=rng.choice([None, 12]),
-                   max_batched_tokens=rng.choice([3, 8, 24]), prefix_cache=True)
+                   max_batched_tokens=rng.choice([3, 8, 24]), prefix_cache=True, adapter_affinity=rng.choice([0, 2]))
     assert hits > 10  # the run exercised the cache
 
 
-def run_ops(ops, num_pages, seed, adapter_capacity, max_batched_tokens, prefix_cache) -> int:
+def run_ops(ops, num_pages, seed, adapter_capacity, max_batched_tokens, prefix_cache, adapter_affinity=0) -> int:
     """Runs the operations and checks the pool after each; returns the prompt tokens found cached.
 
     Unified pool, and the separate-pools ablation (adapter_capacity pages for adapters only);
     prompts up to 44 tokens, most sharing a prefix with others, with a step budget of 3 to 24
-    tokens, so most prompts take several chunks; the prefix cache on and off. "reload" gives an
+    tokens, so most prompts take several chunks; the prefix cache on and off; first come first
+    served or with adapter affinity (no request passed over in more steps than it allows). "reload" gives an
     idle adapter new weights (a new content version), as unloading and loading it again does, or
     as reading new files does after its host copy was dropped for room (its cached KV stays)."""
     rng = random.Random(seed)
     plan = PagePlan(num_pages) if adapter_capacity is None else SeparatePoolsPlan(num_pages, adapter_capacity_pages=adapter_capacity)
     sched = Scheduler(SchedulerConfig(max_num_seqs=6, max_batched_tokens=max_batched_tokens, max_model_len=64,
-                                      prefix_cache=prefix_cache),
+                                      prefix_cache=prefix_cache, adapter_affinity=adapter_affinity),
                       plan, eos_ids=(EOS,), adapter_pages=dict(ADAPTER_PAGES), adapter_versions=dict.fromkeys(ADAPTER_PAGES, "v0"))
     mirror, seqs, by_id, kv, weights = PageTables(), [], {}, {}, dict.fromkeys(ADAPTER_PAGES, 0)
 
@@ -130,6 +131,7 @@ def run_ops(ops, num_pages, seed, adapter_capacity, max_batched_tokens, prefix_c
         check_consistent(sched, mirror, step)
         check_chunks(sched, step, max_batched_tokens)
         check_contents(sched, mirror, step, kv, weights)
+        assert all(s.passed_over <= adapter_affinity for s in sched.waiting)
         final = {w.seq_id for w in step.seqs if w.start + len(w.token_ids) == by_id[w.seq_id].total_len}
         outputs = sched.postprocess([rng.choice([EOS, 1, 2, 3, 4, 5]) for _ in step.seqs])
         assert sorted(o.seq.seq_id for o in outputs) == sorted(final)  # no token for a chunk before the last
@@ -209,3 +211,26 @@ def test_request_larger_than_pool_is_refused():
         assert "pool has only 16" in str(e)
     else:
         raise AssertionError("a request that cannot fit the pool was accepted")
+
+
+@pytest.mark.parametrize("affinity", [0, 3])
+def test_adapter_affinity_prefers_adapters_in_the_batch_for_a_bounded_wait(affinity):
+    """One admission per step (max_num_seqs frees one slot at a time): with affinity, requests for
+    the running adapter go first, and the oldest request (another adapter) waits exactly 3 steps;
+    without it, strictly first come first served."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_batched_tokens=64, max_model_len=64, adapter_affinity=affinity),
+                      PagePlan(200), adapter_pages={"a": 2, "b": 2})
+    sched.add(Request("first", [1, 2], 30, "a", ignore_eos=True))
+    queued = [sched.add(Request(f"q{i}", [1, 2], 1, adapter, ignore_eos=True))
+              for i, adapter in enumerate(["b", "a", "a", "a", "a", "a"])]
+    admitted = []
+    for _ in range(20):
+        step = sched.schedule()
+        admitted += [w.seq_id for w in step.seqs if w.prefix is not None]
+        sched.postprocess([5] * len(step.seqs))
+    order = [next(q.request.request_id for q in queued if q.seq_id == s) for s in admitted[1:]]
+    if affinity:
+        assert order == ["q1", "q2", "q3", "q0", "q4", "q5"]
+        assert queued[0].passed_over == 3
+    else:
+        assert order == ["q0", "q1", "q2", "q3", "q4", "q5"]

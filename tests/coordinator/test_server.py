@@ -234,7 +234,7 @@ def test_routing_prefers_the_replica_holding_the_adapter(server):
             after = {a.name: list(a.replicas) for a in (await stub.ListAdapters(pb.ListAdaptersRequest())).adapters}["r1_v"]
             assert after == first
             info = await stub.GetServerInfo(pb.GetServerInfoRequest())
-            assert (info.tp, info.replicas, info.vocab_size) == (2, 2, 264)
+            assert (info.tp, info.replicas, info.vocab_size, info.prefix_cache, info.adapter_affinity) == (2, 2, 264, True, 0)
 
     run(go())
 

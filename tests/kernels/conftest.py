@@ -136,13 +136,20 @@ def build_attention_case(
     ratio: int = 1,
     head_dim: int = 16,
     extra_page_dim: int = 0,
+    extra_rows: int = 0,
+    extra_cols: int = 0,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> AttentionCase:
     """seqs: [(context length c, new tokens n), ...] in step order; n == 1 makes a decode row.
 
     Every position of every sequence gets its own page, drawn from a shuffled pool,
-    so no sequence is contiguous; page 0 and unused pages hold NaN.
+    so no sequence is contiguous; page 0 and unused pages hold NaN. The page table has
+    one row per sequence, in order, unless extra_rows / extra_cols ask for a table like
+    the worker's, kept across steps: rows no sequence of the batch owns, columns past the
+    longest context, the batch's rows drawn shuffled. Then every cell a sequence does not
+    own (other rows, columns past its context) names a NaN page: stale data that poisons
+    the result if it is ever read.
     """
     gen = torch.Generator().manual_seed(seed)
     kv_size = num_kv_heads * head_dim
@@ -150,20 +157,28 @@ def build_attention_case(
     num_pages = 1 + sum(c for c, _ in seqs) + 5
     free = (1 + torch.randperm(num_pages - 1, generator=gen)).tolist()
     pool = torch.full((num_pages, page_dim), float("nan"))
-    page_table = torch.zeros(len(seqs), max(c for c, _ in seqs), dtype=torch.int64)
-    for i, (c, _) in enumerate(seqs):
+    num_rows, num_cols = len(seqs) + extra_rows, max(c for c, _ in seqs) + extra_cols
+    if extra_rows or extra_cols:
+        nan_pages = torch.tensor([0] + free[:5])  # free is popped from the end: these stay unused
+        page_table = nan_pages[torch.randint(0, len(nan_pages), (num_rows, num_cols), generator=gen)]
+        table_rows = torch.randperm(num_rows, generator=gen)[: len(seqs)]
+    else:
+        page_table = torch.zeros(num_rows, num_cols, dtype=torch.int64)
+        table_rows = torch.arange(len(seqs))
+    for row, (c, _) in zip(table_rows.tolist(), seqs):
         pages = torch.tensor([free.pop() for _ in range(c)])
-        page_table[i, :c] = pages
+        page_table[row, :c] = pages
         pool[pages, : 2 * kv_size] = torch.randn(c, 2 * kv_size, generator=gen)
     starts = [0]
     for _, n in seqs:
         starts.append(starts[-1] + n)
-    slots = torch.cat([page_table[i, c - n : c] for i, (c, n) in enumerate(seqs)])
+    slots = torch.cat([page_table[row, c - n : c] for row, (c, n) in zip(table_rows.tolist(), seqs)])
     decode = [i for i, (_, n) in enumerate(seqs) if n == 1]
     batch = AttentionBatch(
         query_start=torch.tensor(starts, dtype=torch.int64),
         context_lens=torch.tensor([c for c, _ in seqs], dtype=torch.int64),
         page_table=page_table,
+        table_rows=table_rows,
         slots=slots,
         decode_rows=torch.tensor(decode, dtype=torch.int64),
         prefill_rows=[i for i, (_, n) in enumerate(seqs) if n != 1],

@@ -43,6 +43,29 @@ def test_matches_reference(make_attention_case, dtype, step, ratio):
     assert_matches_reference(case)
 
 
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_pages_are_read_through_shuffled_rows_of_a_larger_table(make_attention_case, dtype, step):
+    """The worker's table: more rows and columns than the step uses, its sequences' rows shuffled, every
+    other cell naming a NaN page. The kernel reads only each sequence's own row, up to its context."""
+    case = make_attention_case(STEPS[step], ratio=3, extra_rows=7, extra_cols=19, dtype=dtype, seed=11)
+    assert case.batch.page_table.shape[0] > len(STEPS[step]) and not torch.equal(
+        case.batch.table_rows, torch.arange(len(STEPS[step])))
+    assert_matches_reference(case)
+    assert_matches_reference(case, threads=2)
+
+
+def test_stale_cells_outside_the_pool_are_neither_read_nor_refused(make_attention_case):
+    """Only the pages a sequence uses are checked against the pool: whatever an earlier owner left in a
+    row past the context, or in rows of no sequence of the step, is not the kernel's business."""
+    case = make_attention_case(STEPS["mixed"], ratio=2, extra_rows=3, extra_cols=5, seed=4)
+    table, owned = case.batch.page_table, torch.zeros_like(case.batch.page_table, dtype=torch.bool)
+    for row, c in zip(case.batch.table_rows.tolist(), case.batch.context_lens_list):
+        owned[row, :c] = True
+    table[~owned] = case.pool.shape[0] + 1000
+    assert_matches_reference(case)
+
+
 def test_rows_wider_than_kv_and_head_dim_64(make_attention_case):
     """Pool rows longer than K+V (the pool is sized for adapters too) and a real head size."""
     case = make_attention_case(STEPS["mixed"], num_kv_heads=3, ratio=3, head_dim=64, extra_page_dim=40, seed=2)
@@ -57,7 +80,7 @@ def test_the_dispatcher_uses_the_c_path_on_cpu(make_attention_case):
     case = make_attention_case(STEPS["decode"], seed=1)
     assert cpu.usable(case.q)
     paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
-    assert case.batch._cpu_checked is case.batch.page_table
+    assert case.batch._cpu_checked
 
 
 def test_bad_metadata_is_refused_before_the_c_code_reads_memory(make_attention_case):
@@ -68,6 +91,14 @@ def test_bad_metadata_is_refused_before_the_c_code_reads_memory(make_attention_c
     case = make_attention_case(STEPS["decode"], seed=3)
     case.batch.context_lens[1] = case.batch.page_table.shape[1] + 1
     with pytest.raises(ValueError, match="disagree"):
+        cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
+    case = make_attention_case(STEPS["decode"], extra_rows=2, seed=3)
+    case.batch.table_rows[1] = case.batch.page_table.shape[0]  # one past the last row
+    with pytest.raises(ValueError, match="disagree"):
+        cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
+    case = make_attention_case(STEPS["decode"], extra_rows=2, seed=3)
+    case.batch.page_table[case.batch.table_rows[3], 8] = -1  # the last page of sequence 3 (context 9)
+    with pytest.raises(ValueError, match="sequence 3 points outside the pool"):
         cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
 
 

@@ -37,7 +37,7 @@ def naive_attention(case) -> torch.Tensor:
         num_new = starts[i + 1] - starts[i]
         for j in range(num_new):
             position = context - num_new + j
-            rows = case.pool[batch.page_table[i, : position + 1]].double()
+            rows = case.pool[batch.page_table[batch.table_rows[i], : position + 1]].double()
             for h in range(num_heads):
                 cols = slice((h // ratio) * head_dim, (h // ratio + 1) * head_dim)
                 keys, values = rows[:, cols], rows[:, kv_size:][:, cols]
@@ -63,6 +63,24 @@ def test_kernel_matches_reference(make_attention_case, dtype, ratio, step):
     expected = _attention_reference(case.q, case.pool, case.batch, case.num_kv_heads)
     out = triton_attention.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
     assert out.dtype == dtype
+    torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_reference_reads_shuffled_rows_of_a_larger_table(make_attention_case, step):
+    """The worker's table: more rows and columns than the step uses, the step's rows shuffled, every cell
+    no sequence owns naming a NaN page."""
+    case = make_attention_case(STEPS[step], ratio=3, extra_rows=6, extra_cols=21, seed=7)
+    out = paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
+    torch.testing.assert_close(out.double(), naive_attention(case), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_reads_shuffled_rows_of_a_larger_table(make_attention_case, dtype, step):
+    case = make_attention_case(STEPS[step], ratio=3, extra_rows=6, extra_cols=21, dtype=dtype, seed=7)
+    expected = _attention_reference(case.q, case.pool, case.batch, case.num_kv_heads)
+    out = triton_attention.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
     torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
 
 
