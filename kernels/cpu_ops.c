@@ -16,7 +16,9 @@
 
 /* gcc's tuning for recent Xeons keeps auto-vectorised loops at 256 bits; these loops are what
  * the kernels are, so let them use the full registers where the CPU has 512-bit ones. */
+#if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("prefer-vector-width=512")
+#endif
 
 #include "cpu_types.h"
 
