@@ -11,12 +11,12 @@ For each --dtype, in one run (so the ratios between dtypes see the same machine)
    median of --repeats steps), and the achieved fraction of the peak;
 3. a per-op time breakdown of one step: matmuls (F.linear), attention (write_kv + paged
    attention), LoRA (add_column_lora and each layer's row_output, whose all-reduce is a no-op at
-   tp 1), norms/rotary/activation (rms_norm, rotate, silu,
-   embedding), sampling, host (schedule, Step -> tensors, postprocess) and the rest (residual
-   adds, splits, Python between the ops). Timers wrap the functions worker/model.py and
-   worker/worker.py call, by rebinding their module-level names in this process only: nothing
-   in the serving path changes, and nothing is timed when this script is not running. The
-   timers add about 1 us per call (~330 calls per step of a 30-layer model).
+   tp 1), norms/rotary/activation (add_rms_norm_ with the residual adds fused in, rotary,
+   silu_mul, embedding, the cos/sin tables), sampling, host (schedule, Step -> tensors,
+   postprocess) and the rest (splits, Python between the ops). Timers wrap the functions
+   worker/model.py and worker/worker.py call, by rebinding their module-level names in this
+   process only: nothing in the serving path changes, and nothing is timed when this script is
+   not running. The timers add about 1 us per call (~300 calls per step of a 30-layer model).
 
 Prints a table and writes it to --out (bench/results/roofline.md).
 
@@ -46,6 +46,8 @@ from engines import record_steps  # noqa: E402
 
 DEMO_MODEL = REPO / "cache" / "smollm2-135m-instruct"
 ROWS = (16, 64, 128, 256, 512)
+# What engine steps and their ops are timed by; bench/ops.py sets time.thread_time (one thread).
+clock = time.perf_counter
 
 
 # ---------------------------------------------------------------- the matmul peak
@@ -137,22 +139,21 @@ class OpTimers:
         def timed(*args, **kwargs):
             if not self.active:
                 return fn(*args, **kwargs)
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[kind] += time.perf_counter() - start
+                self.seconds[kind] += clock() - start
 
         timed.__wrapped__ = fn
         return timed
 
 
 class _TimedFunctional:
-    """Stands in for torch.nn.functional inside worker/model.py: linear, silu and embedding are timed."""
+    """Stands in for torch.nn.functional inside worker/model.py: linear and embedding are timed."""
 
     def __init__(self, timers: OpTimers):
         self.linear = timers.wrap("matmul", F.linear)
-        self.silu = timers.wrap("norm/rotary/activation", F.silu)
         self.embedding = timers.wrap("norm/rotary/activation", F.embedding)
 
     def __getattr__(self, name):
@@ -171,8 +172,9 @@ def op_timers(engine):
         (model_module, "paged_attention", timers.wrap("attention", model_module.paged_attention)),
         (model_module, "write_kv", timers.wrap("attention", model_module.write_kv)),
         (model_module, "add_column_lora", timers.wrap("lora", model_module.add_column_lora)),
-        (model_module, "rms_norm", timers.wrap("norm/rotary/activation", model_module.rms_norm)),
-        (model_module, "rotate", timers.wrap("norm/rotary/activation", model_module.rotate)),
+        (model_module, "add_rms_norm_", timers.wrap("norm/rotary/activation", model_module.add_rms_norm_)),
+        (model_module, "rotary", timers.wrap("norm/rotary/activation", model_module.rotary)),
+        (model_module, "silu_mul", timers.wrap("norm/rotary/activation", model_module.silu_mul)),
         (worker_module, "sample", timers.wrap("sampling", worker_module.sample)),
         (worker_module, "forward_batch", timers.wrap("host", worker_module.forward_batch)),
         (engine.scheduler, "schedule", timers.wrap("host", engine.scheduler.schedule)),
@@ -284,9 +286,9 @@ def measure_steps(engine, cfg, args, names, kind: str) -> dict:
             timers.seconds.clear()
             steps.clear()
             timers.active = True
-            start = time.perf_counter()
+            start = clock()
             engine.step()
-            total = time.perf_counter() - start
+            total = clock() - start
             timers.active = False
             (step,) = steps
             if kind == "decode" and (len(step.seqs) != args.decode_seqs or any(len(w.token_ids) != 1 for w in step.seqs)):
@@ -364,7 +366,7 @@ def report(args) -> str:
                 lines.append(f"{kind} step: {other} takes {ratio:.2f}x the time of {first} (same run)")
     lines += ["", "## Where one step's time goes (ms, and share of the step)", "",
               "One step, the one nearest the median; \"rest\" is its time outside the timed calls.", "",
-              "| dtype | step | " + " | ".join(OPS) + " | rest (residual adds, splits, Python) | total |",
+              "| dtype | step | " + " | ".join(OPS) + " | rest (splits, Python) | total |",
               "|" + "---|" * (len(OPS) + 4)]
     for name, by_kind in results.items():
         for kind, r in by_kind.items():

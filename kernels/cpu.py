@@ -1,7 +1,7 @@
-"""The CPU path of the ops: C kernels (cpu_lora.c, cpu_attention.c) compiled once per machine, called with ctypes.
+"""The CPU path of the ops: C kernels (cpu_lora.c, cpu_attention.c, cpu_ops.c) compiled once per machine, called with ctypes.
 
-`lora_shrink` / `lora_expand` (kernels/lora.py) and `paged_attention`
-(kernels/attention.py) send CPU tensors here. Their torch references stay the spec:
+`lora_shrink` / `lora_expand` (kernels/lora.py), `paged_attention`
+(kernels/attention.py) and the elementwise ops (kernels/ops.py) send CPU tensors here. Their torch references stay the spec:
 the tests check this path against them. The library is built by `make install`
 (`python -m lorafleet.kernels.cpu`) into a cache keyed by the sources, the flags and
 the CPU, and again on first use if that key is missing. Without a C compiler the ops
@@ -25,10 +25,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_attention.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_attention.c", "cpu_ops.c"))
 HEADERS = (Path(__file__).with_name("cpu_types.h"),)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# The elementwise ops (cpu_ops.c) have no float16 kernels: gcc 12 does not vectorise float16 <->
+# float32 conversions, and the scalar loops were 25x slower than torch. float16 stays on torch.
+OPS_DTYPES = (torch.float32, torch.bfloat16)
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -123,6 +126,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"lora_expand_{suffix}").restype = None
         getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, i, p, i, p, p, p, i, i, i, i, ctypes.c_float, i]
         getattr(lib, f"paged_attention_{suffix}").restype = i
+    f = ctypes.c_float
+    for suffix in (SUFFIX[dtype] for dtype in OPS_DTYPES):
+        getattr(lib, f"add_rms_norm_{suffix}").argtypes = [p, i, p, i, p, p, i, i, i, f, i]
+        getattr(lib, f"rotary_{suffix}").argtypes = [p, i, i, i, p, i, i, i, p, p, i, i, i, i]
+        getattr(lib, f"silu_mul_{suffix}").argtypes = [p, i, p, i, i, i, i]
+        for op in ("add_rms_norm", "rotary", "silu_mul"):
+            getattr(lib, f"{op}_{suffix}").restype = None
     lib.lorafleet_native_bf16.argtypes = []
     lib.lorafleet_native_bf16.restype = ctypes.c_int
     return lib
@@ -260,6 +270,46 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch, num_kv_heads: in
              num_heads, num_kv_heads, head_dim, head_dim ** -0.5, torch.get_num_threads())
     if bad:
         raise ValueError(f"paged_attention: the page table row of sequence {bad - 1} points outside the pool's {pool.shape[0]} pages")
+    return out
+
+
+# ---------------------------------------------------------------- the elementwise ops
+
+
+def ops_usable(t: torch.Tensor) -> bool:
+    return t.dtype in OPS_DTYPES and usable(t)
+
+
+def add_rms_norm_(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As kernels.ops.add_rms_norm_, for CPU tensors (checked there) whose h has adjacent columns."""
+    if delta is not None and delta.stride(1) != 1:
+        delta = delta.contiguous()
+    weight = weight.contiguous()
+    out = torch.empty(h.shape, dtype=h.dtype)
+    fn = getattr(library(), f"add_rms_norm_{SUFFIX[h.dtype]}")
+    fn(h.data_ptr(), h.stride(0), None if delta is None else delta.data_ptr(), 0 if delta is None else delta.stride(0),
+       weight.data_ptr(), out.data_ptr(), out.stride(0), h.shape[0], h.shape[1], eps, torch.get_num_threads())
+    return out
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """As kernels.ops.rotary, in place, for CPU tensors (checked there) whose heads are contiguous rows."""
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride(0) != sin.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    fn = getattr(library(), f"rotary_{SUFFIX[q.dtype]}")
+    fn(q.data_ptr(), q.stride(0), q.stride(1), q.shape[1], k.data_ptr(), k.stride(0), k.stride(1), k.shape[1],
+       cos.data_ptr(), sin.data_ptr(), cos.stride(0), q.shape[0], q.shape[2], torch.get_num_threads())
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """As kernels.ops.silu_mul, for CPU tensors (checked there)."""
+    if gate_up.stride(1) != 1:
+        gate_up = gate_up.contiguous()
+    inter = gate_up.shape[1] // 2
+    out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype)
+    fn = getattr(library(), f"silu_mul_{SUFFIX[gate_up.dtype]}")
+    fn(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), out.stride(0), gate_up.shape[0], inter,
+       torch.get_num_threads())
     return out
 
 

@@ -1,8 +1,9 @@
 """A Llama-family decoder in plain torch, reading the KV cache from the page pool.
 
 The math is the paper's: RMSNorm, rotary positions, grouped-query attention, a
-SwiGLU MLP. Tensor parallelism shows only as the visible `comm` calls and the
-row-parallel outputs (`row_output`: base all-reduce with the LoRA communication fused
+SwiGLU MLP. The elementwise ops between the matmuls come from kernels/ops.py (C kernels on
+the CPU), each residual add fused into the norm after it. Tensor parallelism shows only as
+the visible `comm` calls and the row-parallel outputs (`row_output`: base all-reduce with the LoRA communication fused
 in); LoRA only as those and the `add_column_lora` calls beside each fused projection. Weights are this rank's shards (Megatron split, see load_model).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from ..kernels.attention import AttentionBatch, paged_attention, write_kv
 from ..kernels.lora import LoraBatch
+from ..kernels.ops import add_rms_norm_, rotary, silu_mul
 from .comm import Comm
 from .config import ModelConfig
 from .loader import Checkpoint, Shard
@@ -37,19 +39,6 @@ class ForwardBatch:
     logits_rows: torch.Tensor
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, halves layout. x: (T, heads, d); cos, sin: (T, 1, d)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class DecoderLayer:
     def __init__(self, cfg: ModelConfig, ckpt: Checkpoint, index: int, shard: Shard, row_output=row_parallel_output):
         p = f"model.layers.{index}."
@@ -69,18 +58,22 @@ class DecoderLayer:
         inter = (cfg.intermediate_size, h)
         self.w_gate_up = torch.cat([ckpt.get(f"{p}mlp.{t}_proj.weight", inter, shard) for t in ("gate", "up")])
         self.w_down = ckpt.get(p + "mlp.down_proj.weight", (h, cfg.intermediate_size), shard, dim=1)
-        self.inter = cfg.intermediate_size // n
 
-    def forward(self, h: torch.Tensor, pool: torch.Tensor, batch: ForwardBatch, rope: tuple, comm: Comm) -> torch.Tensor:
-        h = h + self.attention(rms_norm(h, self.input_norm, self.eps), pool, batch, rope, comm)
-        return h + self.mlp(rms_norm(h, self.post_norm, self.eps), pool, batch, comm)
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None, pool: torch.Tensor, batch: ForwardBatch, rope: tuple,
+                comm: Comm) -> torch.Tensor:
+        """The residual stream enters as h + delta (delta: the previous layer's MLP output, None in the
+        first layer) and leaves as h + the returned MLP output; h is updated in place."""
+        x = add_rms_norm_(h, delta, self.input_norm, self.eps)
+        x = add_rms_norm_(h, self.attention(x, pool, batch, rope, comm), self.post_norm, self.eps)
+        return self.mlp(x, pool, batch, comm)
 
     def attention(self, x, pool, batch: ForwardBatch, rope, comm: Comm) -> torch.Tensor:
         qkv = F.linear(x, self.w_qkv, self.b_qkv)
         add_column_lora(qkv, x, pool, batch.lora, "qkv", comm)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotate(q.unflatten(-1, (self.num_heads, self.head_dim)), *rope)
-        k = rotate(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), *rope)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q, k = rotary(q, k, *rope)  # in place in qkv on the CPU
         write_kv(pool, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), batch.attention.slots)
         attn = paged_attention(q, pool, batch.attention, self.num_kv_heads).flatten(1)
         out = F.linear(attn, self.w_o)  # this rank's partial sum
@@ -89,8 +82,7 @@ class DecoderLayer:
     def mlp(self, x, pool, batch: ForwardBatch, comm: Comm) -> torch.Tensor:
         gate_up = F.linear(x, self.w_gate_up)
         add_column_lora(gate_up, x, pool, batch.lora, "gate_up", comm)
-        gate, up = gate_up.split([self.inter, self.inter], dim=-1)
-        act = F.silu(gate) * up
+        act = silu_mul(gate_up)  # silu(gate) * up
         return self.row_output(F.linear(act, self.w_down), act, pool, batch.lora, "down", comm)
 
 
@@ -117,11 +109,12 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pools: torch.Tensor) -> torch.Tensor:
         """Next-token logits (S, vocab) in float32 for batch.logits_rows. pools: (layers, P, D)."""
-        h = self.embed_tokens(batch.input_ids)
+        h, delta = self.embed_tokens(batch.input_ids), None
         rope = self.rope(batch.positions)
         for layer, pool in zip(self.layers, pools):
-            h = layer.forward(h, pool, batch, rope, self.comm)
-        h = rms_norm(h[batch.logits_rows], self.norm, self.cfg.rms_norm_eps)
+            delta = layer.forward(h, delta, pool, batch, rope, self.comm)
+        rows = batch.logits_rows
+        h = add_rms_norm_(h[rows], delta[rows], self.norm, self.cfg.rms_norm_eps)
         logits = F.linear(h, self.lm_head)
         logits = self.comm.all_gather_last(logits, kind="head_all_gather")
         return logits[:, : self.cfg.vocab_size].float()
