@@ -93,6 +93,12 @@ def load_variant(extra_flags: tuple[str, ...]) -> ctypes.CDLL:
     return _declare(ctypes.CDLL(str(build(extra_flags))))
 
 
+def amx_bf16(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether the library runs long bfloat16 segments on AMX tiles (built with them, and granted by Linux)."""
+    lib = lib or library()
+    return lib is not None and bool(lib.lorafleet_amx_init())
+
+
 def native_bf16(lib: ctypes.CDLL | None = None) -> bool:
     """Whether the library's bfloat16 kernels use the CPU's bfloat16 dot products (AVX512-BF16)."""
     lib = lib or library()
@@ -117,14 +123,17 @@ def library() -> ctypes.CDLL | None:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int64
     for suffix in SUFFIX.values():
-        getattr(lib, f"lora_shrink_{suffix}").argtypes = [p, i, i, p, i, p, i, p, p, p, i, p, p, i, p, i, i]
-        getattr(lib, f"lora_expand_{suffix}").argtypes = [p, i, p, p, p, i, i, p, i, p, i, p, p, p, i, p, p, p, i, i]
+        getattr(lib, f"lora_shrink_{suffix}").argtypes = [p, i, i, p, i, p, i, p, p, p, i, p, p, i, p, i, i, i]
+        getattr(lib, f"lora_expand_{suffix}").argtypes = [p, i, p, p, p, i, i, p, i, p, i, p, p, p, i, p, p, p, i, i, i]
         getattr(lib, f"lora_shrink_{suffix}").restype = None
         getattr(lib, f"lora_expand_{suffix}").restype = None
         getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, i, p, i, p, p, p, i, i, i, i, ctypes.c_float, i]
         getattr(lib, f"paged_attention_{suffix}").restype = i
     lib.lorafleet_native_bf16.argtypes = []
     lib.lorafleet_native_bf16.restype = ctypes.c_int
+    lib.lorafleet_amx_init.argtypes = []
+    lib.lorafleet_amx_init.restype = ctypes.c_int
+    lib.lorafleet_amx_init()  # asks Linux for the tile registers once per process; 0 where there are none
     return lib
 
 
@@ -133,6 +142,11 @@ def usable(t: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------- LoRA: per-step metadata
+
+# Segments of at least this many tokens run as tile products (bfloat16 on AMX; cpu_lora.c), shorter
+# ones as dot products. Chosen by measurement: see kernels/README.md.
+TILE_TOKENS = 8
+
 
 
 @dataclass
@@ -208,7 +222,7 @@ def shrink(x: torch.Tensor, pool: torch.Tensor, batch, group) -> torch.Tensor:
        pool.data_ptr(), pool.shape[1], batch.page_table.data_ptr(), batch.page_table.shape[1],
        seg.order.data_ptr(), seg.start.data_ptr(), seg.adapter.data_ptr(), seg.adapter.numel(),
        args.a_offset.data_ptr(), args.rank.data_ptr(), num_targets,
-       s.data_ptr(), group.max_rank, torch.get_num_threads())
+       s.data_ptr(), group.max_rank, TILE_TOKENS, torch.get_num_threads())
     return s
 
 
@@ -224,7 +238,7 @@ def expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch, group) -
        pool.data_ptr(), pool.shape[1], batch.page_table.data_ptr(), batch.page_table.shape[1],
        seg.order.data_ptr(), seg.start.data_ptr(), seg.adapter.data_ptr(), seg.adapter.numel(),
        args.b_offset.data_ptr(), args.rank.data_ptr(), args.scale.data_ptr(), len(group.out_dims),
-       torch.get_num_threads())
+       TILE_TOKENS, torch.get_num_threads())
     return y
 
 
