@@ -531,28 +531,29 @@ static void shrink_segment_tiles(const bf16 *x, int64_t x_stride, int64_t in_dim
     int64_t cols = 0; /* the product's columns: the targets' ranks side by side */
     for (int64_t g = 0; g < num_targets; g++) cols += rank[g] > 0 ? rank[g] : 0;
     const int64_t k_pad = round_up(in_dim, TILE_K), c_pad = round_up(cols, TILE_ROWS);
-    /* A_cat: the targets' A rows gathered out of the pages, zero-padded to c_pad x k_pad */
-    bf16 *a_cat = scratch(SCRATCH_GATHER, sizeof(bf16) * c_pad * k_pad);
-    memset(a_cat + cols * k_pad, 0, sizeof(bf16) * (c_pad - cols) * k_pad);
-    for (int64_t g = 0, c = 0; g < num_targets; g++) {
-        if (rank[g] <= 0) continue;
-        cursor cur = cursor_at(pool, sizeof(bf16), table, max_pages, page_dim, a_offset[g]);
-        for (int64_t j = 0; j < rank[g]; j++, c++)
-            for (int64_t col = 0; col < k_pad; col += TILE_K)
-                _mm512_store_si512(a_cat + c * k_pad + col, col < in_dim ? load_row_bf16(&cur, in_dim - col < TILE_K ? in_dim - col : TILE_K)
-                                                                      : _mm512_setzero_si512());
-    }
-    /* the panel is A_cat^T in pairs: row q, column c holds (A_cat[c][2q], A_cat[c][2q + 1]), a 16 x 16
-     * transpose of 32-bit pairs per block */
+    /* The panel is A_cat^T in pairs, A_cat being the targets' A rows side by side: row q, column c holds
+     * (A_cat[c][2q], A_cat[c][2q + 1]). Sixteen rows are walked out of the pages at once, 32 elements each,
+     * and transposed as a 16 x 16 block of 32-bit pairs; rows past `cols` and columns past in_dim are zeros. */
     uint32_t *panel = scratch(SCRATCH_PANEL, sizeof(uint32_t) * (k_pad / 2) * c_pad);
-    for (int64_t c0 = 0; c0 < c_pad; c0 += 16)
+    for (int64_t c0 = 0, g = 0, j = 0; c0 < c_pad; c0 += 16) {
+        cursor row[16];
+        int live = 0;
+        for (; live < 16 && c0 + live < cols; live++, j++) { /* column c0 + live is row j of A_g */
+            while (j >= rank[g]) {
+                g++;
+                j = 0;
+            }
+            row[live] = cursor_at(pool, sizeof(bf16), table, max_pages, page_dim, a_offset[g] + j * in_dim);
+        }
         for (int64_t col = 0; col < k_pad; col += TILE_K) {
+            const int64_t len = in_dim - col < TILE_K ? in_dim - col : TILE_K;
             __m512i block[16];
-            for (int i = 0; i < 16; i++) block[i] = _mm512_load_si512(a_cat + (c0 + i) * k_pad + col);
+            for (int i = 0; i < 16; i++) block[i] = i < live && len > 0 ? load_row_bf16(&row[i], len) : _mm512_setzero_si512();
             transpose_16x16_epi32(block);
             for (int q = 0; q < 16; q++) _mm512_store_si512(panel + (col / 2 + q) * c_pad + c0, block[q]);
         }
-    bf16 *block = scratch(SCRATCH_GATHER, sizeof(bf16) * TILE_ROWS * k_pad); /* a_cat is no longer needed */
+    }
+    bf16 *block = scratch(SCRATCH_GATHER, sizeof(bf16) * TILE_ROWS * k_pad);
     float *acc = scratch(SCRATCH_ACC, sizeof(float) * TILE_ROWS * c_pad);
     for (int64_t i0 = 0; i0 < n; i0 += TILE_ROWS) {
         const int64_t m = n - i0 < TILE_ROWS ? n - i0 : TILE_ROWS;
