@@ -21,11 +21,15 @@ query heads, 3 KV heads, head_dim 64, pages of 384 elements, every position in a
 shuffled page): the C kernel (kernels/cpu_attention.c) against the torch reference
 (one page gather and one scaled_dot_product_attention per step's decode rows).
 
-Both tables run in each --dtype (float32 by default; `--dtype float32 bfloat16` times both in one
+With --segments, a third table times one adapter's segment of n tokens (one run of a step sorted by
+adapter) through the four groups of a SmolLM2-135M layer, on the C kernels' dot products and on their
+matrix products (AMX tiles in bfloat16): where the products start to win is cpu.TILE_TOKENS.
+
+The tables run in each --dtype (float32 by default; `--dtype float32 bfloat16` times both in one
 run and ends with a table of the C kernel in each dtype against the torch reference). Times are
 medians of --repeats runs; bfloat16 results are checked against the float32 loop.
 
-Run: .venv/bin/python bench/kernels.py [--tokens 512] [--repeats 5] [--threads 1] [--dtype float32 bfloat16]
+Run: .venv/bin/python bench/kernels.py [--tokens 512] [--repeats 5] [--threads 1] [--dtype float32 bfloat16] [--segments]
 """
 from __future__ import annotations
 
@@ -49,36 +53,40 @@ IN_DIM, OUT_DIMS, PAGE_DIM = 576, (576, 192, 192), 384
 RANKS = (8, 16, 32, 64)
 
 
-def build_step(num_adapters: int, num_tokens: int, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Adapter a has rank RANKS[a % 4] on all three targets; vectors are [A_q A_k A_v B_q B_k B_v]."""
+def build_step(num_adapters: int, num_tokens: int, seed: int = 0, dtype: torch.dtype = torch.float32,
+               in_dim: int = IN_DIM, out_dims: tuple[int, ...] = OUT_DIMS, ranks: tuple[int, ...] = RANKS,
+               shuffle: bool = True):
+    """Adapter a has rank ranks[a % len(ranks)] on every target; vectors are [A_q A_k A_v B_q B_k B_v]
+    (for the default q+k+v group). Tokens go round robin over the adapters, shuffled unless told not to."""
     gen = torch.Generator().manual_seed(seed)
-    ranks = [RANKS[a % len(RANKS)] for a in range(num_adapters)]
-    sizes = [r * (IN_DIM * len(OUT_DIMS) + sum(OUT_DIMS)) for r in ranks]
+    ranks = [ranks[a % len(ranks)] for a in range(num_adapters)]
+    sizes = [r * (in_dim * len(out_dims) + sum(out_dims)) for r in ranks]
     pages_needed = [-(-n // PAGE_DIM) for n in sizes]
     free = torch.randperm(sum(pages_needed), generator=gen)
     pool = torch.empty(sum(pages_needed), PAGE_DIM)
     page_table = torch.zeros(num_adapters, max(pages_needed), dtype=torch.int64)
-    a_offset = torch.zeros(num_adapters, len(OUT_DIMS), dtype=torch.int64)
+    a_offset = torch.zeros(num_adapters, len(out_dims), dtype=torch.int64)
     b_offset = torch.zeros_like(a_offset)
     used = 0
     for a, (r, n, p) in enumerate(zip(ranks, sizes, pages_needed)):
         page_table[a, :p] = free[used:used + p]
         used += p
-        a_offset[a] = torch.arange(len(OUT_DIMS)) * r * IN_DIM
-        b_offset[a] = len(OUT_DIMS) * r * IN_DIM + torch.tensor([0, *OUT_DIMS[:-1]]).cumsum(0) * r
+        a_offset[a] = torch.arange(len(out_dims)) * r * in_dim
+        b_offset[a] = len(out_dims) * r * in_dim + torch.tensor([0, *out_dims[:-1]]).cumsum(0) * r
         vec = torch.zeros(p * PAGE_DIM)
         vec[:n] = torch.randn(n, generator=gen) * 0.05
         pool[page_table[a, :p]] = vec.reshape(p, PAGE_DIM)
-    rank = torch.tensor(ranks).unsqueeze(1).repeat(1, len(OUT_DIMS))
+    rank = torch.tensor(ranks).unsqueeze(1).repeat(1, len(out_dims))
     group = LoraGroup(
-        in_dim=IN_DIM, out_dims=OUT_DIMS, a_offset=a_offset, b_offset=b_offset, rank=rank,
+        in_dim=in_dim, out_dims=out_dims, a_offset=a_offset, b_offset=b_offset, rank=rank,
         scale=(16.0 / rank).float(), max_rank=max(ranks),
     )
     token_adapter = torch.arange(num_tokens) % num_adapters
-    token_adapter = token_adapter[torch.randperm(num_tokens, generator=gen)]
+    if shuffle:
+        token_adapter = token_adapter[torch.randperm(num_tokens, generator=gen)]
     batch = LoraBatch(token_adapter=token_adapter, page_table=page_table, groups={"qkv": group})
-    x = torch.randn(num_tokens, IN_DIM, generator=gen)
-    y = torch.randn(num_tokens, sum(OUT_DIMS), generator=gen)
+    x = torch.randn(num_tokens, in_dim, generator=gen)
+    y = torch.randn(num_tokens, sum(out_dims), generator=gen)
     return x.to(dtype), y.to(dtype), pool.to(dtype), batch, group
 
 
@@ -252,6 +260,45 @@ def lora_table(args, dtype: torch.dtype) -> dict:
     return results
 
 
+# SmolLM2-135M's four LoRA input groups: in_dim -> out_dims
+SEGMENT_GROUPS = {"q+k+v": (576, (576, 192, 192)), "o": (576, (576,)), "gate+up": (576, (1536, 1536)),
+                  "down": (1536, (576,))}
+SEGMENT_LENGTHS = (1, 2, 4, 6, 8, 12, 16, 32, 128)
+
+
+def one_layer(steps) -> None:
+    for x, y, pool, batch, group in steps:
+        cpu.expand(y, cpu.shrink(x, pool, batch, group), pool, batch, group)
+
+
+def segment_table(args, dtype: torch.dtype) -> dict:
+    """Prints the table; returns {(rank, tokens): {"dots": ms, "products": ms}}.
+
+    One segment (one adapter's run of n tokens, as the scheduler sorts a step) through the four groups of
+    a layer, shrink then expand, each path forced through cpu.TILE_TOKENS: the C kernels' dot products
+    against their matrix products on gathered weights (AMX tiles in bfloat16). cpu.TILE_TOKENS is where
+    the products start to win."""
+    print(f"\none segment of n tokens through SmolLM2-135M's q+k+v, o, gate+up and down, {dtype}, shrink + expand, "
+          f"median of {args.repeats} (cpu.TILE_TOKENS = {cpu.TILE_TOKENS})")
+    header = f"{'rank':>4} | {'tokens':>6} | {'dot products':>12} | {'matrix products':>15} | dots/products"
+    print(header + "\n" + "-" * len(header))
+    results, chosen = {}, cpu.TILE_TOKENS
+    for rank in (8, 16, 64):
+        for n in SEGMENT_LENGTHS:
+            steps = [build_step(1, n, dtype=dtype, in_dim=i, out_dims=o, ranks=(rank,), shuffle=False)
+                     for i, o in SEGMENT_GROUPS.values()]
+            ms = {}
+            try:
+                for name, threshold in (("dots", 10**9), ("products", 1)):
+                    cpu.TILE_TOKENS = threshold
+                    ms[name] = time_ms(lambda *_: one_layer(steps), *steps[0], args.repeats)
+            finally:
+                cpu.TILE_TOKENS = chosen
+            results[(rank, n)] = ms
+            print(f"{rank:>4} | {n:>6} | {ms['dots']:>9.3f} ms | {ms['products']:>12.3f} ms | {ms['dots'] / ms['products']:>12.2f}x")
+    return results
+
+
 def across_dtypes(lora: dict, attention: dict) -> None:
     """The C kernels in each dtype against float32 C and the torch reference, measured in this run."""
     names = list(lora)
@@ -279,12 +326,16 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=list(DTYPES),
                         help="one or more; with several, a last table compares the C kernels across them")
     parser.add_argument("--no-attention", action="store_true", help="LoRA tables only")
+    parser.add_argument("--segments", action="store_true",
+                        help="also time one adapter's segment of n tokens: dot products against matrix products")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     lora, attention = {}, {}
     for name in args.dtype:
         lora[name] = lora_table(args, DTYPES[name])
+        if args.segments:
+            segment_table(args, DTYPES[name])
         if not args.no_attention:
             attention[name] = attention_table(args.repeats, DTYPES[name])
     if len(args.dtype) > 1:

@@ -96,6 +96,12 @@ def load_variant(extra_flags: tuple[str, ...]) -> ctypes.CDLL:
     return _declare(ctypes.CDLL(str(build(extra_flags))))
 
 
+def amx_bf16(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether the library runs long bfloat16 segments on AMX tiles (built with them, and granted by Linux)."""
+    lib = lib or library()
+    return lib is not None and bool(lib.lorafleet_amx_init())
+
+
 def native_bf16(lib: ctypes.CDLL | None = None) -> bool:
     """Whether the library's bfloat16 kernels use the CPU's bfloat16 dot products (AVX512-BF16)."""
     lib = lib or library()
@@ -120,8 +126,8 @@ def library() -> ctypes.CDLL | None:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int64
     for suffix in SUFFIX.values():
-        getattr(lib, f"lora_shrink_{suffix}").argtypes = [p, i, i, p, i, p, i, p, p, p, i, p, p, i, p, i, i]
-        getattr(lib, f"lora_expand_{suffix}").argtypes = [p, i, p, p, p, i, i, p, i, p, i, p, p, p, i, p, p, p, i, i]
+        getattr(lib, f"lora_shrink_{suffix}").argtypes = [p, i, i, p, i, p, i, p, p, p, i, p, p, i, p, i, i, i]
+        getattr(lib, f"lora_expand_{suffix}").argtypes = [p, i, p, p, p, i, i, p, i, p, i, p, p, p, i, p, p, p, i, i, i]
         getattr(lib, f"lora_shrink_{suffix}").restype = None
         getattr(lib, f"lora_expand_{suffix}").restype = None
         getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, i, p, i, p, p, p, i, i, i, i, ctypes.c_float, i]
@@ -135,14 +141,22 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
             getattr(lib, f"{op}_{suffix}").restype = None
     lib.lorafleet_native_bf16.argtypes = []
     lib.lorafleet_native_bf16.restype = ctypes.c_int
+    lib.lorafleet_amx_init.argtypes = []
+    lib.lorafleet_amx_init.restype = ctypes.c_int
+    lib.lorafleet_amx_init()  # asks Linux for the tile registers once per process; 0 where there are none
     return lib
 
 
 def usable(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in SUFFIX and library() is not None
+    return t.is_cpu and t.dtype in SUFFIX and library() is not None
 
 
 # ---------------------------------------------------------------- LoRA: per-step metadata
+
+# Segments of at least this many tokens run as matrix products on gathered weights (AMX tiles in
+# bfloat16), shorter ones as dot products on the pages (cpu_lora.c). Where the products start to win,
+# measured with bench/kernels.py --segments (kernels/README.md).
+TILE_TOKENS = 8
 
 
 @dataclass
@@ -171,12 +185,28 @@ class Segments:
 
 @dataclass
 class GroupArgs:
+    """A group's metadata for the C kernels, and the arguments they take from it, the step's page table
+    and its segments: pointers taken once per step, valid while `table` and `segments` hold the tensors."""
+
     a_offset: torch.Tensor
     b_offset: torch.Tensor
     rank: torch.Tensor
     scale: torch.Tensor
     out_offset: torch.Tensor
     out_dim: torch.Tensor
+    table: torch.Tensor | None = None
+    segments: Segments | None = None
+    shrink_args: tuple = ()  # page_table .. num_targets of lora_shrink_*
+    expand_args: tuple = ()  # page_table .. num_targets of lora_expand_*
+
+    def bind(self, table: torch.Tensor, seg: Segments) -> "GroupArgs":
+        self.table, self.segments = table, seg
+        walk = (table.data_ptr(), table.shape[1], seg.order.data_ptr(), seg.start.data_ptr(), seg.adapter.data_ptr(),
+                seg.adapter.numel())
+        num_targets = self.rank.shape[1]
+        self.shrink_args = (*walk, self.a_offset.data_ptr(), self.rank.data_ptr(), num_targets)
+        self.expand_args = (*walk, self.b_offset.data_ptr(), self.rank.data_ptr(), self.scale.data_ptr(), num_targets)
+        return self
 
 
 def _prepare(pool: torch.Tensor, batch, group) -> tuple[Segments, GroupArgs]:
@@ -199,7 +229,7 @@ def _prepare(pool: torch.Tensor, batch, group) -> tuple[Segments, GroupArgs]:
         group._cpu_args = GroupArgs(
             group.a_offset.contiguous(), group.b_offset.contiguous(), rank, group.scale.float().contiguous(),
             torch.tensor(group.out_offsets, dtype=torch.int64), out_dims,
-        )
+        ).bind(batch.page_table, batch._cpu_segments)
     return batch._cpu_segments, group._cpu_args
 
 
@@ -208,33 +238,25 @@ def _prepare(pool: torch.Tensor, batch, group) -> tuple[Segments, GroupArgs]:
 
 def shrink(x: torch.Tensor, pool: torch.Tensor, batch, group) -> torch.Tensor:
     """As kernels.lora.lora_shrink, for CPU tensors (checked there)."""
-    seg, args = _prepare(pool, batch, group)
+    _, args = _prepare(pool, batch, group)
     if x.stride(1) != 1:
         x = x.contiguous()
-    num_targets = len(group.out_dims)
-    s = x.new_zeros(x.shape[0], num_targets, group.max_rank)
+    s = x.new_zeros(x.shape[0], len(group.out_dims), group.max_rank)
     fn = getattr(library(), f"lora_shrink_{SUFFIX[x.dtype]}")
-    fn(x.data_ptr(), x.stride(0), group.in_dim,
-       pool.data_ptr(), pool.shape[1], batch.page_table.data_ptr(), batch.page_table.shape[1],
-       seg.order.data_ptr(), seg.start.data_ptr(), seg.adapter.data_ptr(), seg.adapter.numel(),
-       args.a_offset.data_ptr(), args.rank.data_ptr(), num_targets,
-       s.data_ptr(), group.max_rank, torch.get_num_threads())
+    fn(x.data_ptr(), x.stride(0), group.in_dim, pool.data_ptr(), pool.shape[1], *args.shrink_args,
+       s.data_ptr(), group.max_rank, TILE_TOKENS, torch.get_num_threads())
     return s
 
 
 def expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch, group) -> torch.Tensor:
     """As kernels.lora.lora_expand, for CPU tensors (checked there); y may be a column slice."""
-    seg, args = _prepare(pool, batch, group)
+    _, args = _prepare(pool, batch, group)
     if y.stride(1) != 1:
         raise ValueError(f"lora_expand: y's columns must be adjacent (stride {y.stride(1)})")
     s = s.contiguous()
     fn = getattr(library(), f"lora_expand_{SUFFIX[y.dtype]}")
-    fn(y.data_ptr(), y.stride(0), args.out_offset.data_ptr(), args.out_dim.data_ptr(),
-       s.data_ptr(), group.max_rank, group.shards,
-       pool.data_ptr(), pool.shape[1], batch.page_table.data_ptr(), batch.page_table.shape[1],
-       seg.order.data_ptr(), seg.start.data_ptr(), seg.adapter.data_ptr(), seg.adapter.numel(),
-       args.b_offset.data_ptr(), args.rank.data_ptr(), args.scale.data_ptr(), len(group.out_dims),
-       torch.get_num_threads())
+    fn(y.data_ptr(), y.stride(0), args.out_offset.data_ptr(), args.out_dim.data_ptr(), s.data_ptr(), group.max_rank,
+       group.shards, pool.data_ptr(), pool.shape[1], *args.expand_args, TILE_TOKENS, torch.get_num_threads())
     return y
 
 

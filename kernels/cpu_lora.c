@@ -1,22 +1,28 @@
-/* Batched LoRA on the CPU, reading A and B straight from the page pool.
+/* Batched LoRA on the CPU, reading A and B from the page pool.
  *
  * The same two ops as kernels/lora.py (whose torch reference is the spec), for the
- * CPU path: no gather of adapter pages into a scratch copy and no padding to a
- * bucket's rank, so each adapter's weights are read once per step, in place.
- *
- * Layout (kernels/lora.py): adapter a's weights for one layer are one flat vector
- * chunked into pages; element e sits at pool[page_table[a][e / D]][e % D]. Target g
- * has A_g (rank x in_dim, row-major) at a_offset[a][g] and B_g transposed, B_g^T
- * (shards*rank x out_g, row-major), at b_offset[a][g]. A row may cross pages, so rows
- * are walked in pieces that stay inside one page.
+ * CPU path. Layout (kernels/lora.py): adapter a's weights for one layer are one flat
+ * vector chunked into pages; element e sits at pool[page_table[a][e / D]][e % D].
+ * Target g has A_g (rank x in_dim, row-major) at a_offset[a][g] and B_g transposed,
+ * B_g^T (shards*rank x out_g, row-major), at b_offset[a][g]. A row may cross pages, so
+ * rows are walked in pieces that stay inside one page.
  *
  * Work is split into segments: runs of tokens of one adapter (`order` lists the
  * token rows grouped by adapter; segment k is order[seg_start[k] .. seg_start[k+1])).
- * Each piece of a weight row is read once per segment and applied to all its tokens,
- * so a prefill reuses the row from L1 and a decode token costs one pass over its
- * adapter. Segments write disjoint token rows, so they run in parallel (OpenMP).
+ * A segment takes one of two paths, by its length:
+ * - fewer than `tile_tokens` tokens (decode): dot products. Each piece of a weight row
+ *   is read in place from its page once per segment and applied to all its tokens, so a
+ *   decode token costs one pass over its adapter: no copy, no padding to a bucket's rank.
+ * - at least `tile_tokens` (prefill): a small matrix product. The adapter's weights are
+ *   gathered out of the pages once per segment into a contiguous block in the layout the
+ *   product wants, then multiplied in blocks of tokens whose sums stay in registers
+ *   (AMX tiles for bfloat16 where the CPU has them): the copy costs one pass over the
+ *   weights, which the segment's many tokens then reuse at the speed of the matrix unit.
+ * Segments write disjoint token rows, so they run in parallel (OpenMP).
  *
- * Accumulation is in float32 for every storage type; results are rounded once.
+ * Accumulation is in float32 for every storage type, and each result is rounded once:
+ * s to its type, y to round(y + scale * (s B^T)). The two paths differ only in the order
+ * of the sums, so where a segment switches path moves a result by at most an ulp.
  */
 #include <stdlib.h>
 
@@ -69,18 +75,195 @@ static inline void cursor_skip(cursor *c, int64_t n) {
     prefetch_page(c, c->page + 1);
 }
 
-/* Tokens are taken four at a time, so each weight loaded from the page feeds four FMAs. */
+static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+/* Scratch buffers of the calling thread, kept from call to call and grown as needed (a few hundred KB
+ * per thread at most): a fresh large allocation comes as new zeroed pages from the kernel every time,
+ * which cost more than the products themselves. */
+enum { SCRATCH_GATHER, SCRATCH_PANEL, SCRATCH_ACC, SCRATCH_SLOTS };
+
+static void *scratch(int slot, size_t bytes) {
+    static _Thread_local struct { void *p; size_t bytes; } kept[SCRATCH_SLOTS];
+    if (kept[slot].bytes < bytes) {
+        free(kept[slot].p);
+        kept[slot].bytes = (size_t)round_up((int64_t)bytes, 4096);
+        kept[slot].p = aligned_alloc(64, kept[slot].bytes);
+    }
+    return kept[slot].p;
+}
+
+/* Long segments, every storage type but bfloat16 with AMX: blocked products in float32 on weights
+ * gathered (and converted) out of the pages. The shrink, s (n x sum r) = x (n x in) A^T, takes the A
+ * rows of every target side by side and reduces along in_dim, 4 tokens x 4 rows at a time (block_dots);
+ * the expand, y (n x out) += scale * v (n x width) B^T, takes B^T as stored and runs in blocks of
+ * 8 tokens x 32 outputs (block_product). Either way each weight loaded feeds several tokens' FMAs from
+ * registers, where the dot-product loops below keep their sums in memory. */
+#define BLOCK_M 8
+#define BLOCK_N 32
+
+/* 16 float32 lanes, in whatever vectors the CPU has (GCC's vector extension: one AVX-512 register, two
+ * AVX2 ones, ...); aligned(4) and may_alias let it load from any float. */
+typedef float lanes16 __attribute__((vector_size(64), aligned(4), may_alias));
+
+/* c[i][l] = sum_k a[i][k] * b[k * b_stride + l] for rows i < BLOCK_M, columns l < BLOCK_N, k < depth. */
+static inline void block_product(const float *const a[BLOCK_M], int64_t depth, const float *b, int64_t b_stride,
+                                 float c[BLOCK_M][BLOCK_N]) {
+    lanes16 acc[BLOCK_M][BLOCK_N / 16];
+    for (int i = 0; i < BLOCK_M; i++)
+        for (int l = 0; l < BLOCK_N / 16; l++) acc[i][l] = (lanes16){0};
+    for (int64_t k = 0; k < depth; k++) {
+        const lanes16 *bk = (const lanes16 *)(b + k * b_stride);
+        const lanes16 b0 = bk[0], b1 = bk[1];
+        for (int i = 0; i < BLOCK_M; i++) {
+            acc[i][0] += a[i][k] * b0;
+            acc[i][1] += a[i][k] * b1;
+        }
+    }
+    memcpy(c, acc, sizeof acc);
+}
+
+/* c[i][j] = sum_k a[i][k] * w[j][k] for tokens i < 4, rows j < 4, k < depth: both along the reduction, so
+ * neither is transposed; w's rows are zero-padded to a multiple of 16, a's are read to depth only. */
+static inline void block_dots(const float *const a[4], const float *const w[4], int64_t depth, float c[4][4]) {
+    lanes16 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = (lanes16){0};
+    int64_t k = 0;
+    for (; k + 16 <= depth; k += 16) {
+        const lanes16 w0 = *(const lanes16 *)(w[0] + k), w1 = *(const lanes16 *)(w[1] + k);
+        const lanes16 w2 = *(const lanes16 *)(w[2] + k), w3 = *(const lanes16 *)(w[3] + k);
+        for (int i = 0; i < 4; i++) {
+            const lanes16 ai = *(const lanes16 *)(a[i] + k);
+            acc[i][0] += ai * w0;
+            acc[i][1] += ai * w1;
+            acc[i][2] += ai * w2;
+            acc[i][3] += ai * w3;
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) {
+            float sum = 0.0f;
+            for (int l = 0; l < 16; l++) sum += acc[i][j][l];
+            for (int64_t q = k; q < depth; q++) sum += a[i][q] * w[j][q];
+            c[i][j] = sum;
+        }
+}
+
+#define DEFINE_BLOCKED(T, SUFFIX)                                                                               \
+/* The shrink of one segment: n tokens (rows[0..n) of x) through every target of the adapter's group. */     \
+static void shrink_segment_blocked_##SUFFIX(                                                                    \
+    const T *x, int64_t x_stride, int64_t in_dim, const T *pool, int64_t page_dim, const int64_t *table,        \
+    int64_t max_pages, const int64_t *rows, int64_t n, const int64_t *a_offset, const int64_t *rank,            \
+    int64_t num_targets, T *s, int64_t max_rank)                                                                \
+{                                                                                                               \
+    int64_t cols = 0; /* the targets' A rows, side by side */                                                 \
+    for (int64_t g = 0; g < num_targets; g++) cols += rank[g] > 0 ? rank[g] : 0;                               \
+    const int64_t c_pad = round_up(cols, 4), k_pad = round_up(in_dim, 16);                                      \
+    float *a_cat = scratch(SCRATCH_PANEL, sizeof(float) * c_pad * k_pad); /* zero-padded rows of k_pad */     \
+    memset(a_cat + cols * k_pad, 0, sizeof(float) * (c_pad - cols) * k_pad);                                    \
+    for (int64_t g = 0, c = 0; g < num_targets; g++) {                                                          \
+        if (rank[g] <= 0) continue;                                                                             \
+        cursor cur = cursor_at(pool, sizeof(T), table, max_pages, page_dim, a_offset[g]);                      \
+        for (int64_t j = 0; j < rank[g]; j++, c++) {                                                            \
+            float *row = a_cat + c * k_pad;                                                                     \
+            for (int64_t col = 0; col < in_dim;) { /* row j of A_g, in pieces that stay in one page */         \
+                const int64_t len = cur.left < in_dim - col ? cur.left : in_dim - col;                          \
+                const T *w = CURSOR_PTR(T, cur);                                                                \
+                for (int64_t e = 0; e < len; e++) row[col + e] = load_##SUFFIX(w + e);                         \
+                cursor_advance(&cur, len);                                                                      \
+                col += len;                                                                                     \
+            }                                                                                                   \
+            for (int64_t e = in_dim; e < k_pad; e++) row[e] = 0.0f;                                             \
+        }                                                                                                       \
+    }                                                                                                           \
+    /* four tokens' rows of x in float32: float32 rows are read in place, others converted; rows past n are zeros */ \
+    const int convert = sizeof(T) != sizeof(float);                                                             \
+    float *xs = scratch(SCRATCH_GATHER, sizeof(float) * (convert ? 4 : 1) * in_dim + 1);                        \
+    for (int64_t i0 = 0; i0 < n; i0 += 4) {                                                                     \
+        const float *a[4];                                                                                      \
+        for (int64_t i = 0; i < 4; i++) {                                                                       \
+            const T *xt = x + rows[i0 + (i0 + i < n ? i : 0)] * x_stride;                                       \
+            if (!convert && i0 + i < n) {                                                                       \
+                a[i] = (const float *)(const void *)xt;                                                         \
+                continue;                                                                                       \
+            }                                                                                                   \
+            float *row = xs + (convert ? i : 0) * in_dim;                                                       \
+            for (int64_t k = 0; k < in_dim; k++) row[k] = i0 + i < n ? load_##SUFFIX(xt + k) : 0.0f;            \
+            a[i] = row;                                                                                         \
+        }                                                                                                       \
+        for (int64_t g = 0, c0 = 0; g < num_targets; g++) { /* four rows of A at a time, target by target */  \
+            if (rank[g] <= 0) continue;                                                                         \
+            for (int64_t j0 = 0; j0 < rank[g]; j0 += 4) {                                                       \
+                const float *w[4];                                                                              \
+                for (int j = 0; j < 4; j++) w[j] = a_cat + (c0 + j0 + j) * k_pad;                               \
+                float c[4][4];                                                                                  \
+                block_dots(a, w, in_dim, c);                                                                    \
+                for (int64_t i = 0; i < 4 && i0 + i < n; i++)                                                   \
+                    for (int64_t j = 0; j < 4 && j0 + j < rank[g]; j++)                                         \
+                        store_##SUFFIX(s + (rows[i0 + i] * num_targets + g) * max_rank + j0 + j, c[i][j]);     \
+            }                                                                                                   \
+            c0 += rank[g];                                                                                      \
+        }                                                                                                       \
+    }                                                                                                           \
+}                                                                                                               \
+                                                                                                                \
+/* The expand of one segment for one target: y[rows, :out] += scale * v B^T, v the segment's shrink outputs   \
+ * (the shards side by side), B^T (width x out) read from the pages at `cur`. */                              \
+static void expand_segment_blocked_##SUFFIX(                                                                    \
+    T *y, int64_t y_stride, int64_t out, const T *s, int64_t s_row, int64_t max_rank, int64_t shards,          \
+    cursor cur, const int64_t *rows, int64_t n, int64_t r, float scale)                                         \
+{                                                                                                               \
+    const int64_t width = shards * r, o_pad = round_up(out, BLOCK_N), n_pad = round_up(n, BLOCK_M);             \
+    float *b_t = scratch(SCRATCH_PANEL, sizeof(float) * width * o_pad);                                         \
+    for (int64_t c = 0; c < width; c++) {                                                                       \
+        for (int64_t o = 0; o < out;) { /* row c of B^T, in pieces that stay in one page */                   \
+            const int64_t len = cur.left < out - o ? cur.left : out - o;                                        \
+            const T *w = CURSOR_PTR(T, cur);                                                                    \
+            for (int64_t e = 0; e < len; e++) b_t[c * o_pad + o + e] = load_##SUFFIX(w + e);                   \
+            cursor_advance(&cur, len);                                                                          \
+            o += len;                                                                                           \
+        }                                                                                                       \
+        for (int64_t o = out; o < o_pad; o++) b_t[c * o_pad + o] = 0.0f;                                       \
+    }                                                                                                           \
+    float *v = scratch(SCRATCH_GATHER, sizeof(float) * n_pad * width); /* v[i][j * r + c] = s[t, g, j * R + c] */ \
+    for (int64_t i = 0; i < n_pad; i++)                                                                         \
+        for (int64_t j = 0; j < shards; j++)                                                                    \
+            for (int64_t c = 0; c < r; c++)                                                                     \
+                v[i * width + j * r + c] = i < n ? load_##SUFFIX(s + rows[i] * s_row + j * max_rank + c) : 0.0f; \
+    for (int64_t i0 = 0; i0 < n; i0 += BLOCK_M)                                                                 \
+        for (int64_t o0 = 0; o0 < out; o0 += BLOCK_N) {                                                         \
+            float c[BLOCK_M][BLOCK_N];                                                                          \
+            const float *a[BLOCK_M];                                                                            \
+            for (int i = 0; i < BLOCK_M; i++) a[i] = v + (i0 + i) * width;                                      \
+            block_product(a, width, b_t + o0, o_pad, c);                                                        \
+            const int64_t len = out - o0 < BLOCK_N ? out - o0 : BLOCK_N;                                        \
+            for (int64_t i = 0; i < BLOCK_M && i0 + i < n; i++) {                                               \
+                T *yt = y + rows[i0 + i] * y_stride + o0;                                                       \
+                for (int64_t l = 0; l < len; l++) store_##SUFFIX(yt + l, load_##SUFFIX(yt + l) + c[i][l] * scale); \
+            }                                                                                                   \
+        }                                                                                                       \
+}
+
+/* The ops for every type but native bfloat16: segments of at least tile_tokens tokens go to the blocked
+ * products above; in shorter ones tokens are taken four at a time, so each weight loaded from the page
+ * feeds four FMAs. */
 #define DEFINE_LORA(T, SUFFIX)                                                                                  \
 void lora_shrink_##SUFFIX(                                                                                      \
     const T *x, int64_t x_stride, int64_t in_dim,                                                               \
     const T *pool, int64_t page_dim, const int64_t *page_table, int64_t max_pages,                              \
     const int64_t *order, const int64_t *seg_start, const int64_t *seg_adapter, int64_t num_segs,               \
     const int64_t *a_offset, const int64_t *rank, int64_t num_targets,                                          \
-    T *s, int64_t max_rank, int64_t threads)                                                                    \
+    T *s, int64_t max_rank, int64_t tile_tokens, int64_t threads)                                               \
 {                                                                                                               \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")       \
     for (int64_t k = 0; k < num_segs; k++) {                                                                    \
         const int64_t a = seg_adapter[k], first = seg_start[k], n = seg_start[k + 1] - first;                   \
+        if (n >= tile_tokens) {                                                                                 \
+            shrink_segment_blocked_##SUFFIX(x, x_stride, in_dim, pool, page_dim, page_table + a * max_pages,    \
+                                            max_pages, order + first, n, a_offset + a * num_targets,            \
+                                            rank + a * num_targets, num_targets, s, max_rank);                  \
+            continue;                                                                                           \
+        }                                                                                                       \
         /* the segment's activations, in float32, side by side */                                             \
         float *xs = malloc(sizeof(float) * n * in_dim), *acc = malloc(sizeof(float) * n);                       \
         for (int64_t i = 0; i < n; i++)                                                                         \
@@ -136,7 +319,8 @@ void lora_expand_##SUFFIX(                                                      
     const T *s, int64_t max_rank, int64_t shards,                                                               \
     const T *pool, int64_t page_dim, const int64_t *page_table, int64_t max_pages,                              \
     const int64_t *order, const int64_t *seg_start, const int64_t *seg_adapter, int64_t num_segs,               \
-    const int64_t *b_offset, const int64_t *rank, const float *scale, int64_t num_targets, int64_t threads)     \
+    const int64_t *b_offset, const int64_t *rank, const float *scale, int64_t num_targets, int64_t tile_tokens, \
+    int64_t threads)                                                                                            \
 {                                                                                                               \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")       \
     for (int64_t k = 0; k < num_segs; k++) {                                                                    \
@@ -144,6 +328,14 @@ void lora_expand_##SUFFIX(                                                      
         for (int64_t g = 0; g < num_targets; g++) {                                                             \
             const int64_t r = rank[a * num_targets + g];                                                        \
             if (r <= 0) continue;                                                                               \
+            if (n >= tile_tokens) {                                                                             \
+                const cursor cur = cursor_at(pool, sizeof(T), page_table + a * max_pages, max_pages, page_dim,  \
+                                             b_offset[a * num_targets + g]);                                    \
+                expand_segment_blocked_##SUFFIX(y + out_offset[g], y_stride, out_dim[g], s + g * shards * max_rank, \
+                                                num_targets * shards * max_rank, max_rank, shards, cur,         \
+                                                order + first, n, r, scale[a * num_targets + g]);               \
+                continue;                                                                                       \
+            }                                                                                                   \
             const int64_t width = shards * r, out = out_dim[g];                                                 \
             const float sc = scale[a * num_targets + g];                                                        \
             /* each token's shrink output, the shards side by side: v[j * r + c] = s[t, g, j * R + c] */        \
@@ -197,7 +389,9 @@ void lora_expand_##SUFFIX(                                                      
     }                                                                                                           \
 }
 
+DEFINE_BLOCKED(float, f32)
 DEFINE_LORA(float, f32)
+DEFINE_BLOCKED(f16, f16)
 DEFINE_LORA(f16, f16)
 
 #if LORAFLEET_NATIVE_BF16
@@ -230,16 +424,248 @@ static inline __m512i load_row_bf16(cursor *c, int64_t n) {
     return v;
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(LORAFLEET_NO_AMX)
+#define LORAFLEET_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+/* Long segments on AMX tiles. A segment of many tokens is a small matrix product: shrink
+ * s (n x sum r) = x (n x in) A^T, expand y (n x out) += scale * v (n x width) B^T. The tile unit
+ * (tdpbf16ps) multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 float32 accumulators, so
+ * a segment's tokens go 16 per tile row block, and the adapter's weights are read once per segment
+ * from the pages and packed into a "panel" in the layout the unit takes for its second operand
+ * (row q holds, for each of 16 columns, the pair of reduction indices 2q, 2q + 1). Packing is the
+ * gather out of the pages; the operand rows of x are tile-loaded in place when they are 16
+ * consecutive rows, and copied into a zero-padded block otherwise. Accumulation is float32, each
+ * result is rounded once, as in the dot-product path: only the order of the sums differs. */
+
+#define TILE_ROWS 16 /* tokens per tile; also float32 columns per accumulator tile */
+#define TILE_K 32    /* bf16 elements of the reduction per tile product */
+
+static int amx_ready; /* Linux hands the tile registers to a process that asks (lorafleet_amx_init) */
+
+int lorafleet_amx_init(void) {
+    if (!amx_ready) amx_ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return amx_ready;
+}
+
+/* Every tile register is 16 rows of 64 bytes. Tiles 0-3 accumulate, 4 holds x or v, 5-7 the panel. */
+static void tiles_begin(void) {
+    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        config.colsb[i] = 64;
+        config.rows[i] = TILE_ROWS;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* out[i][c] = sum_k a[i][k] * B[k][c] for 16 rows i and columns c < 16 nb (nb <= 4): a is bf16 with rows
+ * a_stride bytes apart and k_blocks * 32 columns; B is the panel (rows of panel_stride uint32, row q
+ * holding the pairs (B[2q][c], B[2q+1][c])); out is float32 with rows out_stride floats apart. */
+static void tile_product(const bf16 *a, int64_t a_stride, int64_t k_blocks, const uint32_t *panel,
+                         int64_t panel_stride, int nb, float *out, int64_t out_stride) {
+    const int64_t pb = panel_stride * 4, ob = out_stride * 4;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kb = 0; kb < k_blocks; kb++) {
+        const uint32_t *p = panel + kb * (TILE_K / 2) * panel_stride;
+        _tile_loadd(4, a + kb * TILE_K, a_stride);
+        _tile_loadd(5, p, pb);
+        _tile_dpbf16ps(0, 4, 5);
+        if (nb > 1) {
+            _tile_loadd(6, p + 16, pb);
+            _tile_dpbf16ps(1, 4, 6);
+        }
+        if (nb > 2) {
+            _tile_loadd(7, p + 32, pb);
+            _tile_dpbf16ps(2, 4, 7);
+        }
+        if (nb > 3) {
+            _tile_loadd(5, p + 48, pb);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+    }
+    _tile_stored(0, out, ob);
+    if (nb > 1) _tile_stored(1, out + 16, ob);
+    if (nb > 2) _tile_stored(2, out + 32, ob);
+    if (nb > 3) _tile_stored(3, out + 48, ob);
+}
+
+static inline __m512 widen_bf16(__m256i v) { /* 16 bf16 -> float32: the 16 bits go to the top of each lane */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+/* The 16 x 16 matrix of 32-bit elements in r[0..16) (row i in r[i]) transposed in place. */
+static inline void transpose_16x16_epi32(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) { /* pairs of rows interleaved: 2 x 2 blocks */
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* 4 x 4 blocks within each 128-bit lane */
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* r[4 b + j] now holds, in lane l, column 4 l + j of rows 4 b .. 4 b + 3: move the lanes */
+    for (int j = 0; j < 4; j++) {
+        const __m512i v0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88), v1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
+        const __m512i v2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88), v3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
+        t[j] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        t[8 + j] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+        t[4 + j] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        t[12 + j] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* The shrink of one segment: n tokens (rows[0..n) of x) through every target of adapter a's group. */
+static void shrink_segment_tiles(const bf16 *x, int64_t x_stride, int64_t in_dim, const bf16 *pool, int64_t page_dim,
+                                 const int64_t *table, int64_t max_pages, const int64_t *rows, int64_t n,
+                                 const int64_t *a_offset, const int64_t *rank, int64_t num_targets, bf16 *s,
+                                 int64_t max_rank) {
+    int64_t cols = 0; /* the product's columns: the targets' ranks side by side */
+    for (int64_t g = 0; g < num_targets; g++) cols += rank[g] > 0 ? rank[g] : 0;
+    const int64_t k_pad = round_up(in_dim, TILE_K), c_pad = round_up(cols, TILE_ROWS);
+    /* The panel is A_cat^T in pairs, A_cat being the targets' A rows side by side: row q, column c holds
+     * (A_cat[c][2q], A_cat[c][2q + 1]). Sixteen rows are walked out of the pages at once, 32 elements each,
+     * and transposed as a 16 x 16 block of 32-bit pairs; rows past `cols` and columns past in_dim are zeros. */
+    uint32_t *panel = scratch(SCRATCH_PANEL, sizeof(uint32_t) * (k_pad / 2) * c_pad);
+    for (int64_t c0 = 0, g = 0, j = 0; c0 < c_pad; c0 += 16) {
+        cursor row[16];
+        int live = 0;
+        for (; live < 16 && c0 + live < cols; live++, j++) { /* column c0 + live is row j of A_g */
+            while (j >= rank[g]) {
+                g++;
+                j = 0;
+            }
+            row[live] = cursor_at(pool, sizeof(bf16), table, max_pages, page_dim, a_offset[g] + j * in_dim);
+        }
+        for (int64_t col = 0; col < k_pad; col += TILE_K) {
+            const int64_t len = in_dim - col < TILE_K ? in_dim - col : TILE_K;
+            __m512i block[16];
+            for (int i = 0; i < 16; i++) block[i] = i < live && len > 0 ? load_row_bf16(&row[i], len) : _mm512_setzero_si512();
+            transpose_16x16_epi32(block);
+            for (int q = 0; q < 16; q++) _mm512_store_si512(panel + (col / 2 + q) * c_pad + c0, block[q]);
+        }
+    }
+    bf16 *block = scratch(SCRATCH_GATHER, sizeof(bf16) * TILE_ROWS * k_pad);
+    float *acc = scratch(SCRATCH_ACC, sizeof(float) * TILE_ROWS * c_pad);
+    for (int64_t i0 = 0; i0 < n; i0 += TILE_ROWS) {
+        const int64_t m = n - i0 < TILE_ROWS ? n - i0 : TILE_ROWS;
+        int consecutive = m == TILE_ROWS && in_dim == k_pad;
+        for (int64_t i = 1; consecutive && i < m; i++) consecutive = rows[i0 + i] == rows[i0] + i;
+        const bf16 *a = x + rows[i0] * x_stride;
+        int64_t a_stride = x_stride * (int64_t)sizeof(bf16);
+        if (!consecutive) { /* the block's rows of x, zero-padded to 16 x k_pad */
+            memset(block, 0, sizeof(bf16) * TILE_ROWS * k_pad);
+            for (int64_t i = 0; i < m; i++) memcpy(block + i * k_pad, x + rows[i0 + i] * x_stride, sizeof(bf16) * in_dim);
+            a = block;
+            a_stride = k_pad * (int64_t)sizeof(bf16);
+        }
+        for (int64_t b = 0; b < c_pad / TILE_ROWS; b += 4) {
+            const int64_t nb = c_pad / TILE_ROWS - b < 4 ? c_pad / TILE_ROWS - b : 4;
+            tile_product(a, a_stride, k_pad / TILE_K, panel + b * TILE_ROWS, c_pad, (int)nb, acc + b * TILE_ROWS, c_pad);
+        }
+        for (int64_t i = 0; i < m; i++) /* row i of the product, target by target, into s[t, g, :r] */
+            for (int64_t g = 0, c = 0; g < num_targets; g++) {
+                if (rank[g] <= 0) continue;
+                bf16 *st = s + (rows[i0 + i] * num_targets + g) * max_rank;
+                for (int64_t j = 0; j < rank[g]; j += 16) {
+                    const __mmask16 mask = (__mmask16)lanes_mask(rank[g] - j < 16 ? rank[g] - j : 16);
+                    const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, acc + i * c_pad + c + j));
+                    _mm256_mask_storeu_epi16(st + j, mask, (__m256i)v);
+                }
+                c += rank[g];
+            }
+    }
+}
+
+/* The expand of one segment for one target: y[rows, :out] += scale * v B^T, v the segment's shrink outputs
+ * (the shards side by side), B^T (width x out) read from the pages. */
+static void expand_segment_tiles(bf16 *y, int64_t y_stride, int64_t out, const bf16 *s, int64_t s_row,
+                                 int64_t max_rank, int64_t shards, cursor cur, const int64_t *rows, int64_t n,
+                                 int64_t r, float scale) {
+    const int64_t width = shards * r, w_pad = round_up(width, TILE_K), o_pad = round_up(out, 32);
+    uint32_t *panel = scratch(SCRATCH_PANEL, sizeof(uint32_t) * (w_pad / 2) * o_pad);
+    memset(panel + (width + 1) / 2 * o_pad, 0, sizeof(uint32_t) * (w_pad / 2 - (width + 1) / 2) * o_pad);
+    /* panel row c / 2 interleaves rows c and c + 1 of B^T: word 2o is row c's output o, word 2o + 1 row c + 1's */
+    int16_t lo_idx[32], hi_idx[32];
+    for (int o = 0; o < 16; o++) {
+        lo_idx[2 * o] = (int16_t)o;
+        lo_idx[2 * o + 1] = (int16_t)(32 + o);
+        hi_idx[2 * o] = (int16_t)(16 + o);
+        hi_idx[2 * o + 1] = (int16_t)(48 + o);
+    }
+    const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_loadu_si512(hi_idx);
+    for (int64_t c = 0; c < width; c += 2) {
+        cursor next = cur; /* row c + 1 starts where row c ends */
+        cursor_skip(&next, out);
+        uint32_t *row = panel + (c / 2) * o_pad;
+        for (int64_t o = 0; o < out; o += 32) {
+            const int64_t len = out - o < 32 ? out - o : 32;
+            const __m512i w0 = load_row_bf16(&cur, len);
+            const __m512i w1 = c + 1 < width ? load_row_bf16(&next, len) : _mm512_setzero_si512();
+            _mm512_store_si512(row + o, _mm512_permutex2var_epi16(w0, lo, w1));
+            _mm512_store_si512(row + o + 16, _mm512_permutex2var_epi16(w0, hi, w1));
+        }
+        cur = next;
+    }
+    bf16 *v = scratch(SCRATCH_GATHER, sizeof(bf16) * TILE_ROWS * w_pad);
+    float *acc = scratch(SCRATCH_ACC, sizeof(float) * TILE_ROWS * 64);
+    const __m512 sc = _mm512_set1_ps(scale);
+    const int64_t col_blocks = (out + 15) / 16;
+    for (int64_t i0 = 0; i0 < n; i0 += TILE_ROWS) {
+        const int64_t m = n - i0 < TILE_ROWS ? n - i0 : TILE_ROWS;
+        memset(v, 0, sizeof(bf16) * TILE_ROWS * w_pad);
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < shards; j++)
+                memcpy(v + i * w_pad + j * r, s + rows[i0 + i] * s_row + j * max_rank, sizeof(bf16) * r);
+        for (int64_t b = 0; b < col_blocks; b += 4) { /* 64 outputs of 16 tokens, then into y */
+            const int64_t nb = col_blocks - b < 4 ? col_blocks - b : 4, cols = out - b * 16 < 64 ? out - b * 16 : 64;
+            tile_product(v, w_pad * (int64_t)sizeof(bf16), w_pad / TILE_K, panel + b * 16, o_pad, (int)nb, acc, 64);
+            for (int64_t i = 0; i < m; i++) { /* y = round(y + scale * delta), 32 outputs at a time */
+                bf16 *yt = y + rows[i0 + i] * y_stride + b * 16;
+                const float *d = acc + i * 64;
+                for (int64_t q = 0; q < cols; q += 32) {
+                    const __mmask32 mask = lanes_mask(cols - q);
+                    const __m512i yv = _mm512_maskz_loadu_epi16(mask, yt + q);
+                    const __m512 lo = _mm512_fmadd_ps(_mm512_load_ps(d + q), sc, widen_bf16(_mm512_castsi512_si256(yv)));
+                    const __m512 hi = _mm512_fmadd_ps(_mm512_load_ps(d + q + 16), sc, widen_bf16(_mm512_extracti64x4_epi64(yv, 1)));
+                    _mm512_mask_storeu_epi16(yt + q, mask, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                }
+            }
+        }
+    }
+}
+#else
+#define LORAFLEET_AMX 0
+int lorafleet_amx_init(void) { return 0; }
+#endif
+
 void lora_shrink_bf16(
     const bf16 *x, int64_t x_stride, int64_t in_dim,
     const bf16 *pool, int64_t page_dim, const int64_t *page_table, int64_t max_pages,
     const int64_t *order, const int64_t *seg_start, const int64_t *seg_adapter, int64_t num_segs,
     const int64_t *a_offset, const int64_t *rank, int64_t num_targets,
-    bf16 *s, int64_t max_rank, int64_t threads)
+    bf16 *s, int64_t max_rank, int64_t tile_tokens, int64_t threads)
 {
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")
     for (int64_t k = 0; k < num_segs; k++) {
         const int64_t a = seg_adapter[k], first = seg_start[k], n = seg_start[k + 1] - first;
+#if LORAFLEET_AMX
+        if (amx_ready && n >= tile_tokens) {
+            tiles_begin();
+            shrink_segment_tiles(x, x_stride, in_dim, pool, page_dim, page_table + a * max_pages, max_pages, order + first,
+                                 n, a_offset + a * num_targets, rank + a * num_targets, num_targets, s, max_rank);
+            _tile_release();
+            continue;
+        }
+#endif
         for (int64_t g = 0; g < num_targets; g++) {
             const int64_t r = rank[a * num_targets + g];
             if (r <= 0) continue;
@@ -299,7 +725,8 @@ void lora_expand_bf16(
     const bf16 *s, int64_t max_rank, int64_t shards,
     const bf16 *pool, int64_t page_dim, const int64_t *page_table, int64_t max_pages,
     const int64_t *order, const int64_t *seg_start, const int64_t *seg_adapter, int64_t num_segs,
-    const int64_t *b_offset, const int64_t *rank, const float *scale, int64_t num_targets, int64_t threads)
+    const int64_t *b_offset, const int64_t *rank, const float *scale, int64_t num_targets, int64_t tile_tokens,
+    int64_t threads)
 {
     /* lane l of the first/second half of an un-permuted 32-block comes from this lane of lo|hi */
     int32_t first_idx[16], second_idx[16];
@@ -311,6 +738,22 @@ void lora_expand_bf16(
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")
     for (int64_t k = 0; k < num_segs; k++) {
         const int64_t a = seg_adapter[k], first = seg_start[k], n_all = seg_start[k + 1] - first;
+#if LORAFLEET_AMX
+        if (amx_ready && n_all >= tile_tokens) {
+            tiles_begin();
+            for (int64_t g = 0; g < num_targets; g++) {
+                const int64_t r = rank[a * num_targets + g];
+                if (r <= 0) continue;
+                const cursor cur = cursor_at(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
+                                             b_offset[a * num_targets + g]);
+                expand_segment_tiles(y + out_offset[g], y_stride, out_dim[g], s + g * shards * max_rank,
+                                     num_targets * shards * max_rank, max_rank, shards, cur, order + first, n_all, r,
+                                     scale[a * num_targets + g]);
+            }
+            _tile_release();
+            continue;
+        }
+#endif
         for (int64_t g = 0; g < num_targets; g++) {
             const int64_t r = rank[a * num_targets + g];
             if (r <= 0) continue;
@@ -371,7 +814,9 @@ void lora_expand_bf16(
     }
 }
 #else
+DEFINE_BLOCKED(bf16, bf16)
 DEFINE_LORA(bf16, bf16)
+int lorafleet_amx_init(void) { return 0; }
 #endif
 
 /* 1 when the bfloat16 kernels above use native dot products (kernels/cpu.py asks, the tests check). */

@@ -191,3 +191,87 @@ def test_the_library_is_keyed_by_source_and_cpu(tmp_path, monkeypatch):
     assert cpu.build() == path  # built once
     monkeypatch.setattr(cpu, "_cpu_key", lambda: "another cpu")
     assert cpu.library_path() != path
+
+
+# ---------------------------------------------------------------- long segments: matrix products
+
+LONG = [cpu.TILE_TOKENS - 1, cpu.TILE_TOKENS, cpu.TILE_TOKENS + 1, 16, 17, 40, 128]
+
+
+def test_amx_tiles_are_used_where_the_cpu_has_them():
+    """Long bfloat16 segments run on AMX tiles where the CPU (and Linux) has them, not on the dot products."""
+    flags = next((set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo") if line.startswith("flags")), set())
+    assert cpu.amx_bf16() == ({"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512_vbmi2"} <= flags)
+    assert not cpu.amx_bf16(cpu.load_variant(cpu.GENERIC_BF16))
+
+
+@pytest.mark.parametrize("length", LONG)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_segments_around_the_threshold(make_lora_case, lora_tokens, dtype, length):
+    """Several adapters of mixed ranks (1, 17, 33: not multiples of a tile), each one run of `length` tokens
+    as the scheduler sorts them, beside base-only tokens and a short segment that stays on the dot products;
+    in_dim 64 lets the tiles read x in place."""
+    tokens = lora_tokens([(0, length), (-1, 3), (1, length), (2, length + 5), (3, 2), (-1, 1)])
+    ranks = [[8, 16, 4], [64, 0, 33], [1, 128, 17], [16, 16, 16]]
+    case = make_lora_case(ranks, tokens, in_dim=64, out_dims=(96, 32, 40), page_dim=50, dtype=dtype, seed=length)
+    assert_matches_reference(case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_segments_of_scattered_rows_and_odd_dims(make_lora_case, dtype):
+    """Tokens of each adapter spread over the step (the rows of x are gathered, not read in place), odd
+    in_dim and outputs (masked tails), pages of 7 elements (every row crosses pages), interleaved layout."""
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.tensor([0] * 30 + [1] * 21 + [2] * 9 + [-1] * 4)[torch.randperm(64, generator=gen)].tolist()
+    case = make_lora_case([[5, 0, 64], [33, 7, 1], [16, 16, 16]], tokens, in_dim=45, out_dims=(33, 31, 70),
+                          page_dim=7, dtype=dtype, layout="interleaved", seed=11)
+    assert_matches_reference(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_long_segments_with_shards_and_two_threads(make_lora_case, lora_tokens, dtype):
+    """Tensor parallelism's all-gathered s (two shards of r = 3 and 9), segments in parallel on two threads."""
+    tokens = lora_tokens([(0, 37), (-1, 2), (1, 20), (2, 1)])
+    case = make_lora_case([[3, 9, 0], [9, 3, 3], [4, 4, 4]], tokens, dtype=dtype, max_rank=12, shards=2, seed=17)
+    s = torch.randn(len(tokens), 3, 2 * 12).to(dtype)
+    expected = _expand_reference(case.y.clone(), s, case.pool, case.batch, case.group)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = cpu.expand(case.y.clone(), s, case.pool, case.batch, case.group)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y, expected, **TOLERANCE[dtype])
+    case.group.shards, case.group.max_rank = 1, 12  # the shrink of the same step: one shard's output
+    assert_matches_reference(case, threads=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matrix_products_and_dot_products_agree_to_rounding(make_lora_case, lora_tokens, monkeypatch, dtype):
+    """Both sum in float32 and round once (s to its dtype; y + scale * delta): they differ only in the order
+    of the sums, so switching at the threshold changes a result by at most an ulp."""
+    case = make_lora_case([[16, 8, 64], [1, 32, 0]], lora_tokens([(0, 50), (-1, 1), (1, 19)]), in_dim=96,
+                          dtype=dtype, seed=23)
+    products_s = cpu.shrink(case.x, case.pool, case.batch, case.group)
+    products_y = cpu.expand(case.y.clone(), products_s, case.pool, case.batch, case.group)
+    monkeypatch.setattr(cpu, "TILE_TOKENS", 10**9)
+    dots_s = cpu.shrink(case.x, case.pool, case.batch, case.group)
+    dots_y = cpu.expand(case.y.clone(), products_s, case.pool, case.batch, case.group)
+    if dtype == torch.float32:  # the order of the sums moves only the last bits
+        torch.testing.assert_close(products_s, dots_s, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(products_y, dots_y, atol=1e-6, rtol=1e-5)
+        return
+    ulp = lambda t: t.float().abs().clamp_min(1e-3) * 2.0 ** -7  # noqa: E731 (bf16 keeps 8 significant bits)
+    assert ((products_s.float() - dots_s.float()).abs() <= ulp(dots_s)).all()
+    assert ((products_y.float() - dots_y.float()).abs() <= ulp(dots_y)).all()
+
+
+def test_torch_bfloat16_matmul_is_right_after_the_tiles(make_lora_case, lora_tokens):
+    """The tile kernels give the tile registers back: torch's own bfloat16 matmul (oneDNN, AMX too) on the
+    same thread still computes the right product."""
+    case = make_lora_case([[64, 64, 64]], lora_tokens([(0, 64)]), in_dim=64, dtype=torch.bfloat16, seed=29)
+    gen = torch.Generator().manual_seed(29)
+    a, b = torch.randn(128, 256, generator=gen).bfloat16(), torch.randn(96, 256, generator=gen).bfloat16()
+    for _ in range(2):
+        cpu.expand(case.y.clone(), cpu.shrink(case.x, case.pool, case.batch, case.group), case.pool, case.batch, case.group)
+        torch.testing.assert_close(torch.nn.functional.linear(a, b).float(), a.float() @ b.float().T, atol=0.5, rtol=2e-2)
