@@ -8,12 +8,16 @@
  * Query head h reads kv head h / (H / kv_heads) (grouped-query attention); the query heads
  * of one kv head are done together, so each K and V row is read once per token.
  *
+ * A call computes the sequences seqs[0 .. num_seqs) of the step, so the caller can send the
+ * others elsewhere (kernels/cpu.py sends long prefill chunks to matmuls); the rows of `out`
+ * of the sequences not listed are left as they are.
+ *
  * Softmax and accumulation are in float32 for every storage type. Sequences run in
  * parallel (OpenMP) when asked for more than one thread.
  *
  * Before a sequence reads K or V, its c_i page ids are checked against the pool's num_pages;
  * a sequence that points outside is skipped and the call returns its index + 1 (0 when all
- * are inside). The caller checks the rest (rows, lengths, token ranges) once per step.
+ * are inside). The caller checks the rest (rows, lengths, token ranges, seqs) once per step.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -60,13 +64,14 @@ int64_t paged_attention_##SUFFIX(                                               
     const T *q, int64_t q_stride_t, T *out, int64_t out_stride_t,                                               \
     const T *pool, int64_t row_dim, int64_t num_pages,                                                          \
     const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,                                 \
-    const int64_t *query_start, const int64_t *context_lens, int64_t num_seqs,                                  \
+    const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,             \
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)                    \
 {                                                                                                               \
     const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim;                          \
     int64_t outside = 0;                                                                                        \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_seqs > 1)")       \
-    for (int64_t i = 0; i < num_seqs; i++) {                                                                    \
+    for (int64_t s = 0; s < num_seqs; s++) {                                                                    \
+        const int64_t i = seqs[s];                                                                              \
         const int64_t first = query_start[i], n = query_start[i + 1] - first, c = context_lens[i];              \
         const int64_t *pages = page_table + table_rows[i] * table_stride;                                       \
         if (!pages_inside(pages, c, num_pages)) {                                                               \
@@ -183,18 +188,19 @@ int64_t paged_attention_bf16(
     const bf16 *q, int64_t q_stride_t, bf16 *out, int64_t out_stride_t,
     const bf16 *pool, int64_t row_dim, int64_t num_pages,
     const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,
-    const int64_t *query_start, const int64_t *context_lens, int64_t num_seqs,
+    const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)
 {
     if (head_dim > 256)
         return paged_attention_bf16_generic(q, q_stride_t, out, out_stride_t, pool, row_dim, num_pages,
                                             page_table, table_stride, table_rows, query_start, context_lens,
-                                            num_seqs, num_heads, num_kv_heads, head_dim, scale, threads);
+                                            seqs, num_seqs, num_heads, num_kv_heads, head_dim, scale, threads);
     const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim;
     const int64_t chunks = (head_dim + 31) / 32;
     int64_t outside = 0;
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_seqs > 1)")
-    for (int64_t i = 0; i < num_seqs; i++) {
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t i = seqs[s];
         const int64_t first = query_start[i], n = query_start[i + 1] - first, c = context_lens[i];
         const int64_t *pages = page_table + table_rows[i] * table_stride;
         if (!pages_inside(pages, c, num_pages)) {
