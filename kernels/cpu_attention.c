@@ -122,7 +122,7 @@ static inline void prefetch_row(const void *p, int64_t bytes) {
 /* n values of a q, K or V row as float32, for the generic loop's dot products and sums, which
  * vectorise on float32 rows: float32 is used in place, the others are converted into buf. gcc 12
  * does not vectorise a _Float16 -> float conversion inside a loop once AVX512-FP16 is on (every
- * element became a scalar vcvtsh2ss, and the sums a serial chain: 35x slower than bfloat16), so
+ * element became a scalar vcvtsh2ss, and the sums a serial chain: over 10x slower than float32), so
  * float16 rows are converted 16 or 8 values at a time with AVX-512F / F16C. */
 static inline const float *row_f32(const float *src, float *buf, int64_t n) {
     (void)buf, (void)n;
@@ -269,8 +269,8 @@ static inline __attribute__((always_inline)) void pv_bf16(const float *w, int64_
 /* pv_bf16 for `heads` <= 16 / d16 query heads, with the constants of the common shapes */
 static void pv_heads_bf16(const float *w, int64_t c, int64_t last, const int64_t *pages, int64_t row_dim,
                           const bf16 *v0, int64_t head_dim, int64_t heads, int64_t d16, bf16 *out) {
-#define PV_CASE(H, D) if (heads == H && d16 == D) return pv_bf16(w, c, last, pages, row_dim, v0, head_dim, H, D, out)
-    PV_CASE(1, 4); PV_CASE(2, 4); PV_CASE(3, 4); PV_CASE(4, 4); PV_CASE(1, 8); PV_CASE(2, 8);
+#define PV_CASE(H, D) if (heads == H && d16 == D) { pv_bf16(w, c, last, pages, row_dim, v0, head_dim, H, D, out); return; }
+    PV_CASE(1, 4) PV_CASE(2, 4) PV_CASE(3, 4) PV_CASE(4, 4) PV_CASE(1, 8) PV_CASE(2, 8)
 #undef PV_CASE
     pv_bf16(w, c, last, pages, row_dim, v0, head_dim, heads, d16, out);
 }

@@ -3,6 +3,8 @@
 cpu.MATMUL_MIN_TOKENS new tokens or more)."""
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -205,3 +207,17 @@ def test_softmax_survives_large_scores_on_both_paths(make_attention_case, path, 
     case.q.mul_(40)
     assert_matches_reference(case, tolerance=dict(atol=1e-4, rtol=1e-3) if dtype == torch.float32 else None)
     assert torch.isfinite(cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)).all()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 compiler flags")
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_the_library_built_without_avx512_matches_the_reference(make_attention_case, monkeypatch, dtype):
+    """What a CPU without AVX-512 compiles: the scalar softmax, float16 rows through F16C, the generic
+    bfloat16 loop; every sequence through the C kernel."""
+    monkeypatch.setattr(cpu, "_library", cpu.load_variant(("-mno-avx512f",)))
+    monkeypatch.setattr(cpu, "MATMUL_MIN_TOKENS", 1 << 40)
+    assert not cpu.native_bf16()
+    for head_dim in (16, 40, 64):
+        case = make_attention_case([(17, 1), (150, 40), (16, 1), (1, 1), (33, 33)], num_kv_heads=2, ratio=3,
+                                   head_dim=head_dim, dtype=dtype, seed=head_dim)
+        assert_matches_reference(case)
