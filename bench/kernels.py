@@ -19,7 +19,12 @@ Every method's y is checked against the loop's before timing.
 A second table times paged attention for one decode step of SmolLM2-135M's shapes (9
 query heads, 3 KV heads, head_dim 64, pages of 384 elements, every position in a
 shuffled page): the C kernel (kernels/cpu_attention.c) against the torch reference
-(one page gather and one scaled_dot_product_attention per step's decode rows).
+(one page gather and one scaled_dot_product_attention per step's decode rows). A third
+times prefill steps (whole prompts, chunks after cached keys) three ways: the torch
+reference, the C kernel alone, and the CPU path as served (kernels/cpu.py: chunks of
+MATMUL_MIN_TOKENS or more through torch's fused attention on gathered K and V); its
+times are CPU seconds of the process (time.process_time), which leave out the shared
+cores' other work.
 
 With --segments, a third table times one adapter's segment of n tokens (one run of a step sorted by
 adapter) through the four groups of a SmolLM2-135M layer, on the C kernels' dot products and on their
@@ -231,6 +236,73 @@ def attention_table(repeats: int, dtype: torch.dtype) -> dict:
     return results
 
 
+# (context, new tokens) of every sequence of a prefill step
+PREFILL_STEPS = {
+    "8 prompts of 128": [(128, 128)] * 8,
+    "2 prompts of 512": [(512, 512)] * 2,
+    "2 chunks of 256 after 768": [(1024, 256)] * 2,
+    "8 chunks of 8 after 300": [(308, 8)] * 8,
+}
+
+
+def prefill_step(seqs: list[tuple[int, int]], seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Sequences of (context, new tokens), every position in a shuffled page."""
+    gen = torch.Generator().manual_seed(seed)
+    heads, kv_heads, head_dim = 9, 3, 64
+    total = sum(c for c, _ in seqs)
+    pages = torch.randperm(total, generator=gen)
+    pool = torch.randn(total, 2 * kv_heads * head_dim, generator=gen)
+    table = torch.zeros(len(seqs), max(c for c, _ in seqs), dtype=torch.int64)
+    starts, used = [0], 0
+    for i, (c, n) in enumerate(seqs):
+        table[i, :c] = pages[used:used + c]
+        used += c
+        starts.append(starts[-1] + n)
+    lens = torch.tensor([c for c, _ in seqs])
+    batch = AttentionBatch(
+        query_start=torch.tensor(starts), context_lens=lens, page_table=table, table_rows=torch.arange(len(seqs)),
+        slots=torch.cat([table[i, c - n:c] for i, (c, n) in enumerate(seqs)]),
+        decode_rows=torch.tensor([i for i, (_, n) in enumerate(seqs) if n == 1], dtype=torch.int64),
+        prefill_rows=[i for i, (_, n) in enumerate(seqs) if n != 1], query_start_list=starts, context_lens_list=lens.tolist(),
+    )
+    q = torch.randn(starts[-1], heads, head_dim, generator=gen)
+    return q.to(dtype), pool.to(dtype), batch, kv_heads
+
+
+def prefill_attention_table(repeats: int, dtype: torch.dtype) -> None:
+    """The torch reference, the C kernel for every sequence, and the CPU path as served."""
+    print(f"\npaged attention, prefill steps of SmolLM2-135M shapes, {dtype}, per layer, CPU ms (process time), "
+          f"median of {repeats}")
+    header = (f"{'step':>26} | {'torch':>10} | {'C kernel':>10} | {'as served':>10} | C kernel / as served"
+              f" | GFLOP/s as served")
+    print(header + "\n" + "-" * len(header))
+    served = cpu.MATMUL_MIN_TOKENS
+    for label, seqs in PREFILL_STEPS.items():
+        q, pool, batch, kv_heads = prefill_step(seqs, dtype=dtype)
+        expected = _attention_reference(q.float(), pool.float(), batch, kv_heads)
+        ms = {}
+        for name, threshold in (("torch", None), ("C", 1 << 40), ("served", served)):
+            if threshold is not None:
+                cpu.MATMUL_MIN_TOKENS = threshold
+            try:
+                batch._cpu_plan = None  # the step's plan is built in the first (untimed) call, as in a step's first layer
+                fn = _attention_reference if threshold is None else cpu.paged_attention
+                torch.testing.assert_close(fn(q, pool, batch, kv_heads).float(), expected,
+                                           **(dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else CHECK[dtype]))
+                times = []
+                for _ in range(repeats):
+                    start = time.process_time()
+                    fn(q, pool, batch, kv_heads)
+                    times.append((time.process_time() - start) * 1e3)
+                ms[name] = statistics.median(times)
+            finally:
+                cpu.MATMUL_MIN_TOKENS = served
+        # q.K and P.V over the keys each new token sees (the causal half of a prompt, not the full square)
+        flops = sum(4 * 9 * 64 * (n * (c - n) + n * (n + 1) / 2) for c, n in seqs)
+        print(f"{label:>26} | {ms['torch']:>7.2f} ms | {ms['C']:>7.2f} ms | {ms['served']:>7.2f} ms | "
+              f"{ms['C'] / ms['served']:>18.2f}x | {flops / ms['served'] / 1e6:>17.0f}")
+
+
 def lora_table(args, dtype: torch.dtype) -> dict:
     """Prints the table; returns {adapters: {method: ms}}."""
     print(f"\ndecode step of {args.tokens} tokens, q+k+v of in {IN_DIM} -> out {OUT_DIMS}, ranks "
@@ -338,6 +410,7 @@ def main() -> None:
             segment_table(args, DTYPES[name])
         if not args.no_attention:
             attention[name] = attention_table(args.repeats, DTYPES[name])
+            prefill_attention_table(args.repeats, DTYPES[name])
     if len(args.dtype) > 1:
         across_dtypes(lora, attention if not args.no_attention else {n: {} for n in args.dtype})
 

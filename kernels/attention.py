@@ -42,7 +42,7 @@ class AttentionBatch:
     prefill_rows: list[int]
     query_start_list: list[int]
     context_lens_list: list[int]
-    _cpu_checked: bool = field(default=False, repr=False)  # kernels/cpu.py has checked the metadata
+    _cpu_plan: object = field(default=None, repr=False)  # kernels/cpu.AttentionPlan, built on the step's first layer
 
 
 def write_kv(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -18,10 +18,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"lora_expand_{suffix}").argtypes = [p, i, p, p, p, i, i, p, i, p, i, p, p, p, i, p, p, p, i, i, i]
         getattr(lib, f"lora_shrink_{suffix}").restype = None
         getattr(lib, f"lora_expand_{suffix}").restype = None
-        getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, i, p, i, p, p, p, i, i, i, i, ctypes.c_float, i]
+        getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, i, p, i, p, p, p, p, i, i, i, i, ctypes.c_float, i]
         getattr(lib, f"paged_attention_{suffix}").restype = i
     f = ctypes.c_float
     for suffix in (SUFFIX[dtype] for dtype in OPS_DTYPES):
@@ -262,37 +263,115 @@ def expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch, group) -
 
 # ---------------------------------------------------------------- attention
 
+# Sequences with at least this many new tokens (prefill chunks) are computed with matmuls on their
+# K and V gathered from the pages (torch's fused CPU attention, in the model dtype: bfloat16 runs on
+# AMX); the others (decode rows, the shortest chunks) by the C kernel, which reads K and V in place.
+# The crossover was measured with SmolLM2-135M's heads (kernels/README.md).
+MATMUL_MIN_TOKENS = 8
+
+
+@dataclass
+class Chunk:
+    """A sequence whose new tokens q[first:first + n] attend through matmuls; pages: (c,) int64, its
+    table row up to its context (a view: nothing of the table is copied), checked against the pool."""
+
+    first: int
+    n: int
+    pages: torch.Tensor
+
+
+@dataclass
+class AttentionPlan:
+    """What paged_attention derives from a step's metadata once, for every layer of the step.
+
+    kernel_seqs: (S_k,) int64, the sequences the C kernel computes, in step order.
+    chunks: the other sequences (MATMUL_MIN_TOKENS new tokens or more).
+    num_pages: the pool size the chunks' pages were checked against.
+    masks: (n, c, dtype) -> the additive causal mask of a chunk after c - n cached keys, built on first use.
+    """
+
+    kernel_seqs: torch.Tensor
+    chunks: list[Chunk]
+    num_pages: int
+    masks: dict = field(default_factory=dict)
+
+    def mask(self, n: int, c: int, dtype: torch.dtype) -> torch.Tensor:
+        """(n, c): 0 where new token j may see key p (p <= c - n + j), -inf where it may not."""
+        key = (n, c, dtype)
+        if key not in self.masks:
+            self.masks[key] = torch.full((n, c), float("-inf"), dtype=dtype).triu_(c - n + 1)
+        return self.masks[key]
+
+
+def _attention_plan(num_tokens: int, pool: torch.Tensor, batch) -> AttentionPlan:
+    """Checks the metadata the C code trusts (rows, lengths, token ranges: O(sequences), nothing of the
+    table is scanned) and the chunks' pages, and splits the sequences between the two paths."""
+    table, rows, starts, lens = batch.page_table, batch.table_rows, batch.query_start, batch.context_lens
+    if not all(t.dtype == torch.int64 and t.is_contiguous() for t in (table, rows, starts, lens)):
+        raise ValueError("paged_attention: page_table, table_rows, query_start and context_lens must be contiguous int64")
+    news = starts[1:] - starts[:-1]
+    if (table.dim() != 2 or rows.shape != lens.shape or starts.shape[0] != lens.shape[0] + 1
+            or int(starts[-1]) != num_tokens
+            or bool((news < 1).any() | (lens < news).any() | (lens > table.shape[1]).any()
+                    | (rows < 0).any() | (rows >= table.shape[0]).any())):
+        raise ValueError("paged_attention: query_start, context_lens, table_rows and the page table disagree")
+    kernel_seqs, chunks = [], []
+    for i, (first, n, c, row) in enumerate(zip(starts.tolist(), news.tolist(), lens.tolist(), rows.tolist())):
+        if n < MATMUL_MIN_TOKENS:
+            kernel_seqs.append(i)
+            continue
+        pages = table[row, :c]
+        if int(pages.min()) < 0 or int(pages.max()) >= pool.shape[0]:
+            raise ValueError(f"paged_attention: the page table row of sequence {i} points outside the pool's {pool.shape[0]} pages")
+        chunks.append(Chunk(first, n, pages))
+    return AttentionPlan(torch.tensor(kernel_seqs, dtype=torch.int64), chunks, pool.shape[0])
+
 
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch, num_kv_heads: int) -> torch.Tensor:
     """As kernels.attention.paged_attention, for CPU tensors (head counts checked there).
 
-    The C code reads each sequence's pages through its table row and checks them against the pool
-    before it reads K or V; the metadata it trusts (rows, lengths, token ranges) is checked here,
-    once per step: O(sequences), nothing of the table is scanned or copied."""
+    Decode rows and the shortest chunks go to the C kernel, which checks each sequence's pages against
+    the pool before it reads K or V; longer chunks to _chunk_attention. The plan that splits them is
+    built and checked once per step (kept on the batch) and shared by every layer."""
     num_tokens, num_heads, head_dim = q.shape
     if 2 * num_kv_heads * head_dim > pool.shape[1] or not pool.is_contiguous():
         raise ValueError(f"paged_attention: pool {tuple(pool.shape)} must be contiguous with rows of >= {2 * num_kv_heads * head_dim}")
-    table, rows, starts, lens = batch.page_table, batch.table_rows, batch.query_start, batch.context_lens
-    if not all(t.dtype == torch.int64 and t.is_contiguous() for t in (table, rows, starts, lens)):
-        raise ValueError("paged_attention: page_table, table_rows, query_start and context_lens must be contiguous int64")
-    if not batch._cpu_checked:  # once per step: the C code must not read outside the table
-        news = starts[1:] - starts[:-1]
-        if (table.dim() != 2 or rows.shape != lens.shape or starts.shape[0] != lens.shape[0] + 1
-                or int(starts[-1]) != num_tokens
-                or bool((news < 1).any() | (lens < news).any() | (lens > table.shape[1]).any()
-                        | (rows < 0).any() | (rows >= table.shape[0]).any())):
-            raise ValueError("paged_attention: query_start, context_lens, table_rows and the page table disagree")
-        batch._cpu_checked = True
+    if batch._cpu_plan is None or batch._cpu_plan.num_pages != pool.shape[0]:
+        batch._cpu_plan = _attention_plan(num_tokens, pool, batch)
+    plan = batch._cpu_plan
     q = q if q.stride(2) == 1 and q.stride(1) == head_dim else q.contiguous()
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype)
-    fn = getattr(library(), f"paged_attention_{SUFFIX[q.dtype]}")
-    bad = fn(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0),
-             pool.data_ptr(), pool.shape[1], pool.shape[0], table.data_ptr(), table.shape[1], rows.data_ptr(),
-             starts.data_ptr(), lens.data_ptr(), lens.numel(),
-             num_heads, num_kv_heads, head_dim, head_dim ** -0.5, torch.get_num_threads())
-    if bad:
-        raise ValueError(f"paged_attention: the page table row of sequence {bad - 1} points outside the pool's {pool.shape[0]} pages")
+    if plan.kernel_seqs.numel():
+        fn = getattr(library(), f"paged_attention_{SUFFIX[q.dtype]}")
+        bad = fn(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0),
+                 pool.data_ptr(), pool.shape[1], pool.shape[0], batch.page_table.data_ptr(), batch.page_table.shape[1],
+                 batch.table_rows.data_ptr(), batch.query_start.data_ptr(), batch.context_lens.data_ptr(),
+                 plan.kernel_seqs.data_ptr(), plan.kernel_seqs.numel(),
+                 num_heads, num_kv_heads, head_dim, head_dim ** -0.5, torch.get_num_threads())
+        if bad:
+            raise ValueError(f"paged_attention: the page table row of sequence {bad - 1} points outside the pool's {pool.shape[0]} pages")
+    for chunk in plan.chunks:
+        out[chunk.first:chunk.first + chunk.n] = _chunk_attention(q[chunk.first:chunk.first + chunk.n], pool, chunk, plan, num_kv_heads)
     return out
+
+
+def _chunk_attention(q: torch.Tensor, pool: torch.Tensor, chunk: Chunk, plan: AttentionPlan, num_kv_heads: int) -> torch.Tensor:
+    """q: (n, H, d), the chunk's new tokens -> (n, H, d): the reference's formula for one sequence.
+
+    K and V of the chunk's c positions are gathered into one (c, D) copy of their pages; torch's
+    fused attention (scores and P.V as matmuls in q.dtype with float32 accumulation, softmax in
+    float32) runs on the 4-d views (1, heads, tokens, d) it is fast on (3-d inputs take a slower
+    path), with grouped-query heads read in place. A whole prompt (n == c) is causal; a chunk after
+    cached keys takes the plan's mask, which lets token j see keys 0 .. c - n + j."""
+    n, c, head_dim = q.shape[0], chunk.pages.numel(), q.shape[2]
+    kv_size = num_kv_heads * head_dim
+    rows = pool.index_select(0, chunk.pages)
+    k = rows[:, :kv_size].unflatten(1, (num_kv_heads, head_dim)).transpose(0, 1)
+    v = rows[:, kv_size:2 * kv_size].unflatten(1, (num_kv_heads, head_dim)).transpose(0, 1)
+    mask = None if n == c else plan.mask(n, c, q.dtype)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                       is_causal=n == c, scale=head_dim ** -0.5, enable_gqa=True)
+    return o[0].transpose(0, 1)
 
 
 # ---------------------------------------------------------------- the elementwise ops

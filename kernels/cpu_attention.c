@@ -8,17 +8,24 @@
  * Query head h reads kv head h / (H / kv_heads) (grouped-query attention); the query heads
  * of one kv head are done together, so each K and V row is read once per token.
  *
+ * A call computes the sequences seqs[0 .. num_seqs) of the step, so the caller can send the
+ * others elsewhere (kernels/cpu.py sends long prefill chunks to matmuls); the rows of `out`
+ * of the sequences not listed are left as they are.
+ *
  * Softmax and accumulation are in float32 for every storage type. Sequences run in
  * parallel (OpenMP) when asked for more than one thread.
  *
  * Before a sequence reads K or V, its c_i page ids are checked against the pool's num_pages;
  * a sequence that points outside is skipped and the call returns its index + 1 (0 when all
- * are inside). The caller checks the rest (rows, lengths, token ranges) once per step.
+ * are inside). The caller checks the rest (rows, lengths, token ranges, seqs) once per step.
  */
 #include <math.h>
 #include <stdlib.h>
 
 #include "cpu_types.h"
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 /* exp(x) for x <= 0, vectorisable (libm's expf is a call per element): x = n ln2 + r with
  * |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (error below 6e-9, under float32's
@@ -41,6 +48,63 @@ static inline float exp_nonpositive(float x) {
     return zero ? 0.0f : p * two_n.f;
 }
 
+#if defined(__AVX512F__)
+/* the low n (0..16) lanes of a 16-lane mask */
+static inline __mmask16 lanes16(int64_t n) { return n >= 16 ? (__mmask16)0xffffu : (__mmask16)((1u << n) - 1u); }
+
+/* exp_nonpositive on 16 lanes, the same steps in AVX-512 (gcc does not vectorise the scalar one here) */
+static inline __m512 exp_nonpositive16(__m512 x) {
+    const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm512_mask_mov_ps(x, zero, _mm512_setzero_ps());
+    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.4426950408889634f), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f),
+                                      _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x));
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mul_ps((__mmask16)~zero, p, _mm512_castsi512_ps(two_n));
+}
+#endif
+
+/* w[0 .. count) = softmax(w[0 .. count)) = exp(w - max w) / sum, in float32 (count >= 1). */
+static inline void softmax(float *w, int64_t count) {
+#if defined(__AVX512F__)
+    __m512 top16 = _mm512_set1_ps(-INFINITY), total16 = _mm512_setzero_ps();
+    for (int64_t p = 0; p < count; p += 16) {
+        const __mmask16 m = lanes16(count - p);
+        top16 = _mm512_mask_max_ps(top16, m, top16, _mm512_maskz_loadu_ps(m, w + p));
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top16));
+    for (int64_t p = 0; p < count; p += 16) { /* lanes past count are neither stored nor summed */
+        const __mmask16 m = lanes16(count - p);
+        const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, w + p), top));
+        _mm512_mask_storeu_ps(w + p, m, e);
+        total16 = _mm512_mask_add_ps(total16, m, total16, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total16));
+    for (int64_t p = 0; p < count; p += 16) {
+        const __mmask16 m = lanes16(count - p);
+        _mm512_mask_storeu_ps(w + p, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + p), inv));
+    }
+#else
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t p = 0; p < count; p++) top = w[p] > top ? w[p] : top;
+    for (int64_t p = 0; p < count; p++) {
+        w[p] = exp_nonpositive(w[p] - top);
+        total += w[p];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t p = 0; p < count; p++) w[p] *= inv;
+#endif
+}
+
 /* Whether every one of the count page ids is a row of the pool. */
 static inline int pages_inside(const int64_t *pages, int64_t count, int64_t num_pages) {
     int outside = 0;
@@ -50,9 +114,33 @@ static inline int pages_inside(const int64_t *pages, int64_t count, int64_t num_
 
 /* Pages are scattered, so the hardware prefetcher cannot guess the next key: ask for the
  * row AHEAD positions on while this one is used. */
-#define AHEAD 4
+#define AHEAD 16
 static inline void prefetch_row(const void *p, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)p + b, 0, 1);
+}
+
+/* n values of a q, K or V row as float32, for the generic loop's dot products and sums, which
+ * vectorise on float32 rows: float32 is used in place, the others are converted into buf. gcc 12
+ * does not vectorise a _Float16 -> float conversion inside a loop once AVX512-FP16 is on (every
+ * element became a scalar vcvtsh2ss, and the sums a serial chain: over 10x slower than float32), so
+ * float16 rows are converted 16 or 8 values at a time with AVX-512F / F16C. */
+static inline const float *row_f32(const float *src, float *buf, int64_t n) {
+    (void)buf, (void)n;
+    return src;
+}
+static inline const float *row_bf16(const bf16 *src, float *buf, int64_t n) {
+    for (int64_t d = 0; d < n; d++) buf[d] = load_bf16(src + d);
+    return buf;
+}
+static inline const float *row_f16(const f16 *src, float *buf, int64_t n) {
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    for (; d + 16 <= n; d += 16) _mm512_storeu_ps(buf + d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + d))));
+#elif defined(__F16C__)
+    for (; d + 8 <= n; d += 8) _mm256_storeu_ps(buf + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + d))));
+#endif
+    for (; d < n; d++) buf[d] = load_f16(src + d);
+    return buf;
 }
 
 #define DEFINE_ATTENTION(T, SUFFIX)                                                                             \
@@ -60,13 +148,14 @@ int64_t paged_attention_##SUFFIX(                                               
     const T *q, int64_t q_stride_t, T *out, int64_t out_stride_t,                                               \
     const T *pool, int64_t row_dim, int64_t num_pages,                                                          \
     const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,                                 \
-    const int64_t *query_start, const int64_t *context_lens, int64_t num_seqs,                                  \
+    const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,             \
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)                    \
 {                                                                                                               \
     const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim;                          \
     int64_t outside = 0;                                                                                        \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_seqs > 1)")       \
-    for (int64_t i = 0; i < num_seqs; i++) {                                                                    \
+    for (int64_t s = 0; s < num_seqs; s++) {                                                                    \
+        const int64_t i = seqs[s];                                                                              \
         const int64_t first = query_start[i], n = query_start[i + 1] - first, c = context_lens[i];              \
         const int64_t *pages = page_table + table_rows[i] * table_stride;                                       \
         if (!pages_inside(pages, c, num_pages)) {                                                               \
@@ -75,44 +164,35 @@ int64_t paged_attention_##SUFFIX(                                               
             continue;                                                                                           \
         }                                                                                                       \
         float *w = malloc(sizeof(float) * ratio * c), *qf = malloc(sizeof(float) * ratio * head_dim);           \
-        float *acc = malloc(sizeof(float) * ratio * head_dim);                                                  \
+        float *acc = malloc(sizeof(float) * ratio * head_dim), *buf = malloc(sizeof(float) * head_dim);         \
         for (int64_t k = 0; k < n; k++) {                                                                       \
             const int64_t t = first + k, last = c - n + k; /* sees positions 0 .. last */                       \
             for (int64_t hk = 0; hk < num_kv_heads; hk++) {                                                     \
-                for (int64_t g = 0; g < ratio; g++)                                                             \
-                    for (int64_t d = 0; d < head_dim; d++)                                                      \
-                        qf[g * head_dim + d] = load_##SUFFIX(q + t * q_stride_t + (hk * ratio + g) * head_dim + d) * scale; \
+                for (int64_t g = 0; g < ratio; g++) {                                                           \
+                    const float *qg = row_##SUFFIX(q + t * q_stride_t + (hk * ratio + g) * head_dim, buf, head_dim); \
+                    for (int64_t d = 0; d < head_dim; d++) qf[g * head_dim + d] = qg[d] * scale;                \
+                }                                                                                               \
                 for (int64_t p = 0; p <= last; p++) {                                                           \
                     if (p + AHEAD <= last) prefetch_row(pool + pages[p + AHEAD] * row_dim + hk * head_dim, head_dim * (int64_t)sizeof(T)); \
-                    const T *key = pool + pages[p] * row_dim + hk * head_dim;                                   \
+                    const float *key = row_##SUFFIX(pool + pages[p] * row_dim + hk * head_dim, buf, head_dim);  \
                     for (int64_t g = 0; g < ratio; g++) {                                                       \
                         const float *qg = qf + g * head_dim;                                                    \
                         float sum = 0.0f;                                                                       \
                         _Pragma("omp simd reduction(+:sum)")                                                    \
-                        for (int64_t d = 0; d < head_dim; d++) sum += qg[d] * load_##SUFFIX(key + d);      \
+                        for (int64_t d = 0; d < head_dim; d++) sum += qg[d] * key[d];                           \
                         w[g * c + p] = sum;                                                                     \
                     }                                                                                           \
                 }                                                                                               \
-                for (int64_t g = 0; g < ratio; g++) {                                                           \
-                    float *wg = w + g * c, top = -INFINITY, total = 0.0f;                                       \
-                    for (int64_t p = 0; p <= last; p++) top = wg[p] > top ? wg[p] : top;                        \
-                    _Pragma("omp simd reduction(+:total)")                                                      \
-                    for (int64_t p = 0; p <= last; p++) {                                                       \
-                        wg[p] = exp_nonpositive(wg[p] - top);                                                   \
-                        total += wg[p];                                                                         \
-                    }                                                                                           \
-                    const float inv = 1.0f / total;                                                             \
-                    for (int64_t p = 0; p <= last; p++) wg[p] *= inv;                                           \
-                }                                                                                               \
+                for (int64_t g = 0; g < ratio; g++) softmax(w + g * c, last + 1);                               \
                 for (int64_t e = 0; e < ratio * head_dim; e++) acc[e] = 0.0f;                                   \
                 for (int64_t p = 0; p <= last; p++) {                                                           \
                     if (p + AHEAD <= last) prefetch_row(pool + pages[p + AHEAD] * row_dim + kv_size + hk * head_dim, head_dim * (int64_t)sizeof(T)); \
-                    const T *value = pool + pages[p] * row_dim + kv_size + hk * head_dim;                       \
+                    const float *value = row_##SUFFIX(pool + pages[p] * row_dim + kv_size + hk * head_dim, buf, head_dim); \
                     for (int64_t g = 0; g < ratio; g++) {                                                       \
                         const float wp = w[g * c + p];                                                          \
                         float *ag = acc + g * head_dim;                                                         \
                         _Pragma("omp simd")                                                                     \
-                        for (int64_t d = 0; d < head_dim; d++) ag[d] += wp * load_##SUFFIX(value + d);     \
+                        for (int64_t d = 0; d < head_dim; d++) ag[d] += wp * value[d];                          \
                     }                                                                                           \
                 }                                                                                               \
                 for (int64_t g = 0; g < ratio; g++)                                                             \
@@ -123,6 +203,7 @@ int64_t paged_attention_##SUFFIX(                                               
         free(w);                                                                                                \
         free(qf);                                                                                               \
         free(acc);                                                                                              \
+        free(buf);                                                                                              \
     }                                                                                                           \
     return outside;                                                                                             \
 }
@@ -132,7 +213,7 @@ DEFINE_ATTENTION(f16, f16)
 
 #if LORAFLEET_NATIVE_BF16
 /* the generic loop, for heads wider than the native kernel's 256 */
-#define load_bf16_generic load_bf16
+#define row_bf16_generic row_bf16
 #define store_bf16_generic store_bf16
 DEFINE_ATTENTION(bf16, bf16_generic)
 
@@ -158,43 +239,59 @@ static inline __m512 sum16(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* out = sum_p w[p] V_p for one query head, 16 dims per register; with d16 a constant (4: head_dim
- * 64, 8: 128) the accumulators stay in registers. V_p = v0 + pages[p] * row_dim. */
-static inline __attribute__((always_inline)) void pv_bf16(const float *w, int64_t last, const int64_t *pages,
+/* out_g = sum_p w_g[p] V_p for `heads` query heads g that share a kv head (w_g = w + g * c,
+ * out_g = out + g * head_dim), 16 dims per register, heads * d16 <= 16 accumulators. Each V row
+ * is loaded and widened once for all the heads; with heads and d16 constants (4: head_dim 64,
+ * 8: 128) the accumulators stay in registers. V_p = v0 + pages[p] * row_dim. */
+static inline __attribute__((always_inline)) void pv_bf16(const float *w, int64_t c, int64_t last, const int64_t *pages,
                                                          int64_t row_dim, const bf16 *v0, int64_t head_dim,
-                                                         const int64_t d16, bf16 *out) {
-    __m512 acc[16];
-    for (int64_t ch = 0; ch < d16; ch++) acc[ch] = _mm512_setzero_ps();
+                                                         const int64_t heads, const int64_t d16, bf16 *out) {
+    __m512 acc[16], v[16];
+    for (int64_t e = 0; e < heads * d16; e++) acc[e] = _mm512_setzero_ps();
     for (int64_t p = 0; p <= last; p++) {
         if (p + AHEAD <= last) prefetch_row(v0 + pages[p + AHEAD] * row_dim, head_dim * (int64_t)sizeof(bf16));
         const bf16 *value = v0 + pages[p] * row_dim;
-        const __m512 wp = _mm512_set1_ps(w[p]);
         for (int64_t ch = 0; ch < d16; ch++) {
             const __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)lanes_mask(head_dim - ch * 16), value + ch * 16);
-            const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-            acc[ch] = _mm512_fmadd_ps(wp, v, acc[ch]);
+            v[ch] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        }
+        for (int64_t g = 0; g < heads; g++) {
+            const __m512 wp = _mm512_set1_ps(w[g * c + p]);
+            for (int64_t ch = 0; ch < d16; ch++) acc[g * d16 + ch] = _mm512_fmadd_ps(wp, v[ch], acc[g * d16 + ch]);
         }
     }
-    for (int64_t ch = 0; ch < d16; ch++)
-        _mm256_mask_storeu_epi16(out + ch * 16, (__mmask16)lanes_mask(head_dim - ch * 16), (__m256i)_mm512_cvtneps_pbh(acc[ch]));
+    for (int64_t g = 0; g < heads; g++)
+        for (int64_t ch = 0; ch < d16; ch++)
+            _mm256_mask_storeu_epi16(out + g * head_dim + ch * 16, (__mmask16)lanes_mask(head_dim - ch * 16),
+                                     (__m256i)_mm512_cvtneps_pbh(acc[g * d16 + ch]));
+}
+
+/* pv_bf16 for `heads` <= 16 / d16 query heads, with the constants of the common shapes */
+static void pv_heads_bf16(const float *w, int64_t c, int64_t last, const int64_t *pages, int64_t row_dim,
+                          const bf16 *v0, int64_t head_dim, int64_t heads, int64_t d16, bf16 *out) {
+#define PV_CASE(H, D) if (heads == H && d16 == D) { pv_bf16(w, c, last, pages, row_dim, v0, head_dim, H, D, out); return; }
+    PV_CASE(1, 4) PV_CASE(2, 4) PV_CASE(3, 4) PV_CASE(4, 4) PV_CASE(1, 8) PV_CASE(2, 8)
+#undef PV_CASE
+    pv_bf16(w, c, last, pages, row_dim, v0, head_dim, heads, d16, out);
 }
 
 int64_t paged_attention_bf16(
     const bf16 *q, int64_t q_stride_t, bf16 *out, int64_t out_stride_t,
     const bf16 *pool, int64_t row_dim, int64_t num_pages,
     const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,
-    const int64_t *query_start, const int64_t *context_lens, int64_t num_seqs,
+    const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)
 {
     if (head_dim > 256)
         return paged_attention_bf16_generic(q, q_stride_t, out, out_stride_t, pool, row_dim, num_pages,
                                             page_table, table_stride, table_rows, query_start, context_lens,
-                                            num_seqs, num_heads, num_kv_heads, head_dim, scale, threads);
+                                            seqs, num_seqs, num_heads, num_kv_heads, head_dim, scale, threads);
     const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim;
     const int64_t chunks = (head_dim + 31) / 32;
     int64_t outside = 0;
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_seqs > 1)")
-    for (int64_t i = 0; i < num_seqs; i++) {
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t i = seqs[s];
         const int64_t first = query_start[i], n = query_start[i + 1] - first, c = context_lens[i];
         const int64_t *pages = page_table + table_rows[i] * table_stride;
         if (!pages_inside(pages, c, num_pages)) {
@@ -229,31 +326,11 @@ int64_t paged_attention_bf16(
                         _mm512_mask_storeu_ps(w + g * c + p0, (__mmask16)((1u << m) - 1u), _mm512_mul_ps(sum16(dots), sc));
                     }
                 }
-                for (int64_t g = 0; g < ratio; g++) {
-                    float *wg = w + g * c;
-                    __m512 top16 = _mm512_set1_ps(-INFINITY);
-                    for (int64_t p = 0; p <= last; p += 16) {
-                        const __mmask16 mask = (__mmask16)lanes_mask(last + 1 - p < 16 ? last + 1 - p : 16);
-                        top16 = _mm512_mask_max_ps(top16, mask, top16, _mm512_maskz_loadu_ps(mask, wg + p));
-                    }
-                    const float top = _mm512_reduce_max_ps(top16);
-                    float total = 0.0f;
-                    _Pragma("omp simd reduction(+:total)")
-                    for (int64_t p = 0; p <= last; p++) {
-                        wg[p] = exp_nonpositive(wg[p] - top);
-                        total += wg[p];
-                    }
-                    const float inv = 1.0f / total;
-                    for (int64_t p = 0; p <= last; p++) wg[p] *= inv;
-                }
-                const int64_t d16 = (head_dim + 15) / 16;
-                for (int64_t g = 0; g < ratio; g++) { /* P.V with the head's accumulators in registers */
-                    bf16 *o = out + t * out_stride_t + (hk * ratio + g) * head_dim;
-                    const bf16 *v0 = pool + kv_size + hk * head_dim;
-                    if (d16 == 4) pv_bf16(w + g * c, last, pages, row_dim, v0, head_dim, 4, o);
-                    else if (d16 == 8) pv_bf16(w + g * c, last, pages, row_dim, v0, head_dim, 8, o);
-                    else pv_bf16(w + g * c, last, pages, row_dim, v0, head_dim, d16, o);
-                }
+                for (int64_t g = 0; g < ratio; g++) softmax(w + g * c, last + 1);
+                const int64_t d16 = (head_dim + 15) / 16, group = 16 / d16;
+                for (int64_t g = 0; g < ratio; g += group) /* P.V, up to `group` heads per pass over V */
+                    pv_heads_bf16(w + g * c, c, last, pages, row_dim, pool + kv_size + hk * head_dim, head_dim,
+                                  ratio - g < group ? ratio - g : group, d16, out + t * out_stride_t + (hk * ratio + g) * head_dim);
             }
         }
         free(w);
