@@ -158,16 +158,21 @@ class AdapterTable:
     def host_bytes(self) -> int:
         return sum(e.info.host_bytes for e in self.entries.values() if e.state == AdapterState.HOST_READY)
 
-    def expected_bytes(self, entry: AdapterEntry) -> int:
-        """Host memory a read of entry will take: its size at an earlier read, else the largest read so far."""
+    def expected_bytes(self, entry: AdapterEntry, largest: int | None = None) -> int:
+        """Host memory a read of entry will take: its size at an earlier read, else the largest read so
+        far (`largest`, when the caller has it already)."""
         if entry.info:
             return entry.info.host_bytes
-        return max((e.info.host_bytes for e in self.entries.values() if e.info), default=0)
+        return largest if largest is not None else max((e.info.host_bytes for e in self.entries.values() if e.info), default=0)
 
     @property
     def reading_bytes(self) -> int:
         """Host memory the reads in flight will take."""
-        return sum(self.expected_bytes(e) for e in self.entries.values() if e.state == AdapterState.READING)
+        reading = [e for e in self.entries.values() if e.state == AdapterState.READING]
+        if not reading:
+            return 0
+        largest = max((e.info.host_bytes for e in self.entries.values() if e.info), default=0)
+        return sum(self.expected_bytes(e, largest) for e in reading)
 
     def over_capacity(self, keep: str | None = None, need: int = 0) -> list[str]:
         """Host copies to drop, least recently used first, so that the rest and `need` more bytes

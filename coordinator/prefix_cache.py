@@ -66,10 +66,8 @@ class PrefixCache:
             k = 0
             while k < n and run[k] == tokens[depth + k]:
                 k += 1
-            if k < len(run):
-                if k:
-                    node = self._split(child, k)
-                    depth += k
+            if k < len(run):  # k >= 1: the child was found by its first token
+                node, depth = self._split(child, k), depth + k
                 break
             node, depth = child, depth + k
         return (node, depth) if depth else (None, 0)
