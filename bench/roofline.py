@@ -2,14 +2,15 @@
 
 For each --dtype, in one run (so the ratios between dtypes see the same machine):
 
-1. the measured matmul peak: torch's F.linear at the model's own projection shapes (q+k+v, o,
+1. the measured matmul peak: the engine's matmul (kernels/ops.py `linear`: F.linear, or oneDNN
+   with the weight packed once where it packs) at the model's own projection shapes (q+k+v, o,
    gate+up, down, lm_head) for T = 16 .. 512 rows, in GFLOP/s; the peak is the best of them;
 2. two steps of the real engine (coordinator/engine.py, in process, as `lorafleet run` drives it):
    a prefill-heavy step (--prefill-seqs prompts of --prompt-len tokens at once) and a decode-only
    step (--decode-seqs sequences, one token each), base model only or with --adapters;
    for each, the model FLOPs of the step (projections, attention, lm_head, LoRA), its time (the
    median of --repeats steps), and the achieved fraction of the peak;
-3. a per-op time breakdown of one step: matmuls (F.linear), attention (write_kv + paged
+3. a per-op time breakdown of one step: matmuls (`linear`), attention (write_kv + paged
    attention), LoRA (add_column_lora and each layer's row_output, whose all-reduce is a no-op at
    tp 1), norms/rotary/activation (add_rms_norm_ with the residual adds fused in, rotary,
    silu_mul, embedding, the cos/sin tables), sampling, host (schedule, Step -> tensors,
@@ -82,14 +83,16 @@ def time_call(fn, repeats: int, min_seconds: float = 0.02) -> float:
 
 
 def matmul_rates(cfg, dtype: torch.dtype, repeats: int) -> dict[tuple[str, int], float]:
-    """(projection, rows) -> GFLOP/s of F.linear in dtype."""
+    """(projection, rows) -> GFLOP/s of the engine's matmul in dtype (kernels/ops.py: linear, the weight packed where it packs)."""
+    from lorafleet.kernels.ops import linear, pack_weight
+
     gen = torch.Generator().manual_seed(0)
     rates = {}
     for name, (out_f, in_f) in projection_shapes(cfg).items():
-        w = (torch.randn(out_f, in_f, generator=gen) * in_f ** -0.5).to(dtype)
+        w = pack_weight((torch.randn(out_f, in_f, generator=gen) * in_f ** -0.5).to(dtype))
         for rows in ROWS:
             x = torch.randn(rows, in_f, generator=gen).to(dtype)
-            seconds = time_call(lambda: F.linear(x, w), repeats)
+            seconds = time_call(lambda: linear(x, w), repeats)
             rates[(name, rows)] = 2 * rows * in_f * out_f / seconds / 1e9
     return rates
 
@@ -150,10 +153,9 @@ class OpTimers:
 
 
 class _TimedFunctional:
-    """Stands in for torch.nn.functional inside worker/model.py: linear and embedding are timed."""
+    """Stands in for torch.nn.functional inside worker/model.py: the embedding is timed."""
 
     def __init__(self, timers: OpTimers):
-        self.linear = timers.wrap("matmul", F.linear)
         self.embedding = timers.wrap("norm/rotary/activation", F.embedding)
 
     def __getattr__(self, name):
@@ -169,6 +171,7 @@ def op_timers(engine):
     timers = OpTimers()
     patches = [
         (model_module, "F", _TimedFunctional(timers)),
+        (model_module, "linear", timers.wrap("matmul", model_module.linear)),
         (model_module, "paged_attention", timers.wrap("attention", model_module.paged_attention)),
         (model_module, "write_kv", timers.wrap("attention", model_module.write_kv)),
         (model_module, "add_column_lora", timers.wrap("lora", model_module.add_column_lora)),
@@ -336,7 +339,7 @@ def report(args) -> str:
                 engine.shutdown()
         print(f"{name}: done", file=sys.stderr)
 
-    lines += ["## Matmul rate of F.linear at the model's shapes (GFLOP/s)", ""]
+    lines += ["## Matmul rate of the engine's linear at the model's shapes (GFLOP/s)", ""]
     header = "| dtype | projection | " + " | ".join(f"T={t}" for t in ROWS) + " |"
     lines += [header, "|" + "---|" * (2 + len(ROWS))]
     for name, (_, _, rates) in peaks.items():
@@ -347,7 +350,7 @@ def report(args) -> str:
 
     lines += ["## Steps of the engine against the peak", "",
               "| dtype | step | tokens | model GFLOP | of which LoRA | step ms | achieved GFLOP/s | of peak | "
-              "matmul GFLOP/s (F.linear alone) | matmul of peak |", "|" + "---|" * 10]
+              "matmul GFLOP/s (linear alone) | matmul of peak |", "|" + "---|" * 10]
     for name, by_kind in results.items():
         peak = peaks[name][0]
         for kind, r in by_kind.items():

@@ -1,4 +1,13 @@
-"""The elementwise ops between the matmuls: residual add + RMSNorm, rotary embedding, SwiGLU.
+"""The base projections' matmul, and the elementwise ops between the matmuls: residual add +
+RMSNorm, rotary embedding, SwiGLU.
+
+`pack_weight` and `linear`: on the CPU in bfloat16, torch's F.linear hands oneDNN the weight in
+its plain (out, in) layout, and oneDNN reorders it into its blocked layout on every call, a
+copy of the whole weight per matmul. The base weights never change, so the loader packs each
+one once (`pack_weight`) and `linear` multiplies with the packed copy: the same oneDNN kernel
+and the same bits as F.linear (tests/kernels/test_cpu_ops.py), 10-60% less time per matmul at
+decode's row counts (bench/results/roofline-bf16.md). float32 (MKL's packing measured no
+faster) and other devices keep the plain weight and F.linear.
 
 `rms_norm`, `rotate` and the bodies of the launchers' fallbacks below are the torch
 references: the spec, the path for CUDA tensors and float16, and the CPU fallback when no C
@@ -14,6 +23,28 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu
+
+
+PACK_ROWS = 64  # the row count oneDNN is told to expect; any row count works with the packed weight
+
+
+def packs(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() \
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """A base projection's weight (out, in), ready for `linear`: oneDNN's packed copy where that pays, else w."""
+    if w.dim() != 2:
+        raise ValueError(f"pack_weight: weight {tuple(w.shape)} must be (out, in)")
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS) if packs(w) else w
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) for a weight from `pack_weight`."""
+    if w.layout == torch._mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    return F.linear(x, w, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..kernels.attention import AttentionBatch, paged_attention, write_kv
 from ..kernels.lora import LoraBatch
-from ..kernels.ops import add_rms_norm_, rotary, silu_mul
+from ..kernels.ops import add_rms_norm_, linear, pack_weight, rotary, silu_mul
 from .comm import Comm
 from .config import ModelConfig
 from .loader import Checkpoint, Shard
@@ -50,14 +50,14 @@ class DecoderLayer:
         self.input_norm = ckpt.get(p + "input_layernorm.weight", (h,))
         self.post_norm = ckpt.get(p + "post_attention_layernorm.weight", (h,))
         shapes = {"q": (cfg.q_size, h), "k": (cfg.kv_size, h), "v": (cfg.kv_size, h)}
-        self.w_qkv = torch.cat([ckpt.get(f"{p}self_attn.{t}_proj.weight", shapes[t], shard) for t in "qkv"])
+        self.w_qkv = pack_weight(torch.cat([ckpt.get(f"{p}self_attn.{t}_proj.weight", shapes[t], shard) for t in "qkv"]))
         self.b_qkv = None
         if cfg.qkv_bias:
             self.b_qkv = torch.cat([ckpt.get(f"{p}self_attn.{t}_proj.bias", shapes[t][:1], shard) for t in "qkv"])
-        self.w_o = ckpt.get(p + "self_attn.o_proj.weight", (h, cfg.q_size), shard, dim=1)
+        self.w_o = pack_weight(ckpt.get(p + "self_attn.o_proj.weight", (h, cfg.q_size), shard, dim=1))
         inter = (cfg.intermediate_size, h)
-        self.w_gate_up = torch.cat([ckpt.get(f"{p}mlp.{t}_proj.weight", inter, shard) for t in ("gate", "up")])
-        self.w_down = ckpt.get(p + "mlp.down_proj.weight", (h, cfg.intermediate_size), shard, dim=1)
+        self.w_gate_up = pack_weight(torch.cat([ckpt.get(f"{p}mlp.{t}_proj.weight", inter, shard) for t in ("gate", "up")]))
+        self.w_down = pack_weight(ckpt.get(p + "mlp.down_proj.weight", (h, cfg.intermediate_size), shard, dim=1))
 
     def forward(self, h: torch.Tensor, delta: torch.Tensor | None, pool: torch.Tensor, batch: ForwardBatch, rope: tuple,
                 comm: Comm) -> torch.Tensor:
@@ -68,7 +68,7 @@ class DecoderLayer:
         return self.mlp(x, pool, batch, comm)
 
     def attention(self, x, pool, batch: ForwardBatch, rope, comm: Comm) -> torch.Tensor:
-        qkv = F.linear(x, self.w_qkv, self.b_qkv)
+        qkv = linear(x, self.w_qkv, self.b_qkv)
         add_column_lora(qkv, x, pool, batch.lora, "qkv", comm)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
@@ -76,14 +76,14 @@ class DecoderLayer:
         q, k = rotary(q, k, *rope)  # in place in qkv on the CPU
         write_kv(pool, k, v.unflatten(-1, (self.num_kv_heads, self.head_dim)), batch.attention.slots)
         attn = paged_attention(q, pool, batch.attention, self.num_kv_heads).flatten(1)
-        out = F.linear(attn, self.w_o)  # this rank's partial sum
+        out = linear(attn, self.w_o)  # this rank's partial sum
         return self.row_output(out, attn, pool, batch.lora, "o", comm)
 
     def mlp(self, x, pool, batch: ForwardBatch, comm: Comm) -> torch.Tensor:
-        gate_up = F.linear(x, self.w_gate_up)
+        gate_up = linear(x, self.w_gate_up)
         add_column_lora(gate_up, x, pool, batch.lora, "gate_up", comm)
         act = silu_mul(gate_up)  # silu(gate) * up
-        return self.row_output(F.linear(act, self.w_down), act, pool, batch.lora, "down", comm)
+        return self.row_output(linear(act, self.w_down), act, pool, batch.lora, "down", comm)
 
 
 class LlamaModel:
@@ -100,7 +100,8 @@ class LlamaModel:
             head = ckpt.get("lm_head.weight", vocab_shape, shard)
         # every rank's head has the same number of rows, so the logits all-gather is even
         part = -(-cfg.vocab_size // shard.size)
-        self.lm_head = torch.cat([head, head.new_zeros(part - head.shape[0], head.shape[1])]) if head.shape[0] < part else head
+        head = torch.cat([head, head.new_zeros(part - head.shape[0], head.shape[1])]) if head.shape[0] < part else head
+        self.lm_head = pack_weight(head)  # a tied head is a second, packed copy of the embedding where it packs
         self.layers = [DecoderLayer(cfg, ckpt, i, shard, row_output) for i in range(cfg.num_layers)]
         self.norm = ckpt.get("model.norm.weight", (cfg.hidden_size,))
         self.inv_freq = cfg.rope.inv_freq(cfg.head_dim).to(ckpt.device)
@@ -115,7 +116,7 @@ class LlamaModel:
             delta = layer.forward(h, delta, pool, batch, rope, self.comm)
         rows = batch.logits_rows
         h = add_rms_norm_(h[rows], delta[rows], self.norm, self.cfg.rms_norm_eps)
-        logits = F.linear(h, self.lm_head)
+        logits = linear(h, self.lm_head)
         logits = self.comm.all_gather_last(logits, kind="head_all_gather")
         return logits[:, : self.cfg.vocab_size].float()
 

@@ -227,3 +227,27 @@ def test_bad_shapes_and_mixed_dtypes_are_refused():
         ops.rotary(q[..., :7], k[..., :7], cos[..., :7], cos[..., :7])  # odd head size: no halves
     with pytest.raises(ValueError, match="silu_mul"):
         ops.silu_mul(torch.zeros(3, 7))
+
+
+# ---------------------------------------------------------------- base projections: packed weights
+
+
+@pytest.mark.parametrize("out_f,in_f", [(960, 576), (576, 1536), (3072, 64), (37, 19)])
+def test_linear_with_a_packed_weight_gives_f_linear_bits(out_f, in_f):
+    """bfloat16 on the CPU: oneDNN's packed weight, the same kernel and bits as F.linear at every row count,
+    on strided rows, with and without a bias; float32 keeps the plain weight."""
+    gen = torch.Generator().manual_seed(out_f + in_f)
+    w = (torch.randn(out_f, in_f, generator=gen) * in_f ** -0.5).bfloat16()
+    packed = ops.pack_weight(w)
+    assert ops.packs(w) and packed.layout == torch._mkldnn and packed.shape == w.shape
+    bias = torch.randn(out_f, generator=gen).bfloat16()
+    for rows in (0, 1, 7, 64, 65, 300):
+        x = torch.randn(rows, 2 * in_f, generator=gen).bfloat16()[:, ::2]  # strided rows
+        assert torch.equal(ops.linear(x, packed), F.linear(x, w))
+        assert torch.equal(ops.linear(x, packed, bias), F.linear(x, w, bias))
+    w32 = w.float()
+    assert ops.pack_weight(w32) is w32
+    x = torch.randn(5, in_f, generator=gen)
+    assert torch.equal(ops.linear(x, w32), F.linear(x, w32))
+    with pytest.raises(ValueError, match="must be \\(out, in\\)"):
+        ops.pack_weight(w[0])
