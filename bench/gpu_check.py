@@ -278,7 +278,7 @@ def run_offline(args, device: str = "cuda", shape: dict = ONE_B) -> tuple[bool, 
             requests = offline.without_adapters(requests)
         engine = Engine(EngineConfig(model_dir=str(model), adapters_dir=str(adapters) if adapters else None,
                                      dtype="bfloat16", device=device, pool_bytes=None if device == "cuda" else 256 * 2**20,
-                                     pool_fraction=0.5, max_num_seqs=args.max_num_seqs))
+                                     pool_fraction=0.5, max_num_seqs=args.max_num_seqs, prefix_cache=False))
         try:
             offline.run_lorafleet_inprocess(engine, "warm-up", requests[:8], None)
             run = offline.run_lorafleet_inprocess(engine, f"{count} adapters", requests, None)

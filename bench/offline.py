@@ -180,10 +180,12 @@ def lorafleet_engine(cfg: BenchConfig, adapters: Path | None):
     from lorafleet.coordinator.config import EngineConfig
     from lorafleet.coordinator.engine import Engine
 
+    # no prefix cache: the timed runs send the same prompts again (after a warm-up, repeat after repeat),
+    # which must be computed again, as the peers (PEFT, vLLM with enable_prefix_caching=False) compute them
     return Engine(EngineConfig(
         model_dir=cfg.model, adapters_dir=str(adapters) if adapters else None, dtype=cfg.dtype,
         pool_bytes=parse_bytes(cfg.pool_bytes), max_num_seqs=cfg.max_num_seqs,
-        max_batched_tokens=cfg.max_batched_tokens,
+        max_batched_tokens=cfg.max_batched_tokens, prefix_cache=False,
     ))
 
 
@@ -225,7 +227,8 @@ def run_lorafleet_cli(cfg: BenchConfig, adapters: Path | None, system: str, requ
     write_jsonl(inp, requests)
     cmd = [str(Path(sys.executable).parent / "lorafleet"), "run", "--model", cfg.model, "--input", str(inp),
            "--output", str(out), "--dtype", cfg.dtype, "--pool-bytes", cfg.pool_bytes,
-           "--max-num-seqs", str(cfg.max_num_seqs), "--max-batched-tokens", str(cfg.max_batched_tokens), "--quiet"]
+           "--max-num-seqs", str(cfg.max_num_seqs), "--max-batched-tokens", str(cfg.max_batched_tokens), "--quiet",
+           "--no-prefix-cache"]
     if adapters:
         cmd += ["--adapters", str(adapters)]
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)} if cfg.threads else None
