@@ -1,13 +1,14 @@
 """The base projections' matmul, and the elementwise ops between the matmuls: residual add +
 RMSNorm, rotary embedding, SwiGLU.
 
-`pack_weight` and `linear`: on the CPU in bfloat16, torch's F.linear hands oneDNN the weight in
-its plain (out, in) layout, and oneDNN reorders it into its blocked layout on every call, a
-copy of the whole weight per matmul. The base weights never change, so the loader packs each
-one once (`pack_weight`) and `linear` multiplies with the packed copy: the same oneDNN kernel
-and the same bits as F.linear (tests/kernels/test_cpu_ops.py), 10-60% less time per matmul at
-decode's row counts (bench/results/roofline-bf16.md). float32 (MKL's packing measured no
-faster) and other devices keep the plain weight and F.linear.
+`pack_weight` and `linear`: the base weights never change, so on the CPU the loader packs each
+one once into oneDNN's blocked layout (`pack_weight`) and `linear` multiplies with the packed
+copy (kernels/README.md, "The base matmuls"). In bfloat16, F.linear calls the same oneDNN kernel
+but hands it the plain (out, in) weight, which oneDNN reorders on every call: packed, the bits
+are F.linear's and a matmul at decode's row counts takes 10-60% less time. In float32, F.linear
+is MKL's GEMM, which on AMD CPUs measured 1.3-4x slower than oneDNN's; the sums run in another
+order, so the results differ from F.linear's in the last bits (about 1e-6 relative). Other
+devices keep the plain weight and F.linear.
 
 `rms_norm`, `rotate` and the bodies of the launchers' fallbacks below are the torch
 references: the spec, the path for CUDA tensors and float16, and the CPU fallback when no C
@@ -29,8 +30,9 @@ PACK_ROWS = 64  # the row count oneDNN is told to expect; any row count works wi
 
 
 def packs(w: torch.Tensor) -> bool:
-    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() \
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:

@@ -233,9 +233,10 @@ def test_bad_shapes_and_mixed_dtypes_are_refused():
 
 
 @pytest.mark.parametrize("out_f,in_f", [(960, 576), (576, 1536), (3072, 64), (37, 19)])
-def test_linear_with_a_packed_weight_gives_f_linear_bits(out_f, in_f):
+def test_linear_with_a_packed_weight_gives_f_linears_results(out_f, in_f):
     """bfloat16 on the CPU: oneDNN's packed weight, the same kernel and bits as F.linear at every row count,
-    on strided rows, with and without a bias; float32 keeps the plain weight."""
+    on strided rows, with and without a bias; float32: oneDNN's packed weight against MKL's F.linear, the
+    same sums in another order."""
     gen = torch.Generator().manual_seed(out_f + in_f)
     w = (torch.randn(out_f, in_f, generator=gen) * in_f ** -0.5).bfloat16()
     packed = ops.pack_weight(w)
@@ -245,9 +246,12 @@ def test_linear_with_a_packed_weight_gives_f_linear_bits(out_f, in_f):
         x = torch.randn(rows, 2 * in_f, generator=gen).bfloat16()[:, ::2]  # strided rows
         assert torch.equal(ops.linear(x, packed), F.linear(x, w))
         assert torch.equal(ops.linear(x, packed, bias), F.linear(x, w, bias))
-    w32 = w.float()
-    assert ops.pack_weight(w32) is w32
-    x = torch.randn(5, in_f, generator=gen)
-    assert torch.equal(ops.linear(x, w32), F.linear(x, w32))
+    w32, bias32 = w.float(), bias.float()
+    packed32 = ops.pack_weight(w32)
+    assert packed32.layout == torch._mkldnn and packed32.dtype == torch.float32
+    for rows in (0, 1, 7, 64, 300):
+        x = torch.randn(rows, 2 * in_f, generator=gen)[:, ::2]
+        torch.testing.assert_close(ops.linear(x, packed32, bias32), F.linear(x, w32, bias32), rtol=1e-5, atol=1e-5)
+    assert ops.pack_weight(w.half()).layout == torch.strided, "float16 keeps the plain weight"
     with pytest.raises(ValueError, match="must be \\(out, in\\)"):
         ops.pack_weight(w[0])
