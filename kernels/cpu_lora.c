@@ -339,7 +339,8 @@ void lora_expand_##SUFFIX(                                                      
             const int64_t width = shards * r, out = out_dim[g];                                                 \
             const float sc = scale[a * num_targets + g];                                                        \
             /* each token's shrink output, the shards side by side: v[j * r + c] = s[t, g, j * R + c] */        \
-            float *v = malloc(sizeof(float) * n * width), *acc = malloc(sizeof(float) * n * out);               \
+            float *v = scratch(SCRATCH_GATHER, sizeof(float) * n * width);                                      \
+            float *acc = scratch(SCRATCH_ACC, sizeof(float) * n * out);                                         \
             for (int64_t i = 0; i < n; i++) {                                                                   \
                 const T *st = s + (order[first + i] * num_targets + g) * shards * max_rank;                     \
                 for (int64_t j = 0; j < shards; j++)                                                            \
@@ -383,8 +384,6 @@ void lora_expand_##SUFFIX(                                                      
                 const float *d = acc + i * out;                                                                 \
                 for (int64_t o = 0; o < out; o++) store_##SUFFIX(yt + o, load_##SUFFIX(yt + o) + d[o] * sc);    \
             }                                                                                                   \
-            free(v);                                                                                            \
-            free(acc);                                                                                          \
         }                                                                                                       \
     }                                                                                                           \
 }
@@ -759,8 +758,9 @@ void lora_expand_bf16(
             if (r <= 0) continue;
             const int64_t width = shards * r, pairs = (width + 1) / 2, out = out_dim[g], blocks = (out + 31) / 32;
             const __m512 sc = _mm512_set1_ps(scale[a * num_targets + g]);
-            uint32_t *v = malloc(sizeof(uint32_t) * EXPAND_TOKENS * pairs); /* (v[c], v[c+1]) per token */
-            float *acc = aligned_alloc(64, sizeof(float) * EXPAND_TOKENS * blocks * 32);
+            /* the thread's kept buffers: a malloc and free per segment and target cost a fifth of a decode step's expand */
+            uint32_t *v = scratch(SCRATCH_GATHER, sizeof(uint32_t) * EXPAND_TOKENS * pairs); /* (v[c], v[c+1]) per token */
+            float *acc = scratch(SCRATCH_ACC, sizeof(float) * EXPAND_TOKENS * blocks * 32);
             for (int64_t i0 = 0; i0 < n_all; i0 += EXPAND_TOKENS) {
                 const int64_t n = n_all - i0 < EXPAND_TOKENS ? n_all - i0 : EXPAND_TOKENS;
                 for (int64_t i = 0; i < n; i++) {
@@ -808,8 +808,6 @@ void lora_expand_bf16(
                     }
                 }
             }
-            free(v);
-            free(acc);
         }
     }
 }
