@@ -6,7 +6,7 @@ one once into oneDNN's blocked layout (`pack_weight`) and `linear` multiplies wi
 copy (kernels/README.md, "The base matmuls"). In bfloat16, F.linear calls the same oneDNN kernel
 but hands it the plain (out, in) weight, which oneDNN reorders on every call: packed, the bits
 are F.linear's and a matmul at decode's row counts takes 10-60% less time. In float32, F.linear
-is MKL's GEMM, which on AMD CPUs measured 1.3-4x slower than oneDNN's; the sums run in another
+is MKL's GEMM, which on an AMD EPYC measured 1.3-4x slower than oneDNN's; the sums run in another
 order, so the results differ from F.linear's in the last bits (about 1e-6 relative). Other
 devices keep the plain weight and F.linear.
 

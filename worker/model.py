@@ -1,8 +1,9 @@
 """A Llama-family decoder in plain torch, reading the KV cache from the page pool.
 
 The math is the paper's: RMSNorm, rotary positions, grouped-query attention, a
-SwiGLU MLP. The elementwise ops between the matmuls come from kernels/ops.py (C kernels on
-the CPU), each residual add fused into the norm after it. Tensor parallelism shows only as
+SwiGLU MLP. The base matmuls (`linear`, on weights packed once at load) and the elementwise ops
+between them come from kernels/ops.py (C kernels on the CPU), each residual add fused into the
+norm after it. Tensor parallelism shows only as
 the visible `comm` calls and the row-parallel outputs (`row_output`: base all-reduce with the LoRA communication fused
 in); LoRA only as those and the `add_column_lora` calls beside each fused projection. Weights are this rank's shards (Megatron split, see load_model).
 """
