@@ -215,7 +215,11 @@ def test_sigterm_drains_then_cuts_with_unavailable(tiny_models, tiny_adapters, m
                 long_error = e
 
         long_task = asyncio.create_task(long())
-        await asyncio.sleep(0.3)
+        for _ in range(int(WAIT / 0.01)):  # both requests running (a fixed sleep lost that race on a loaded machine)
+            if long_tokens:
+                break
+            await asyncio.sleep(0.01)
+        assert long_tokens, "the long request produced no token"
         stopping = asyncio.create_task(server.stop())
         await asyncio.sleep(0.2)
         during = await statuses(health)
