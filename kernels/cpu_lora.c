@@ -265,7 +265,8 @@ void lora_shrink_##SUFFIX(                                                      
             continue;                                                                                           \
         }                                                                                                       \
         /* the segment's activations, in float32, side by side */                                             \
-        float *xs = malloc(sizeof(float) * n * in_dim), *acc = malloc(sizeof(float) * n);                       \
+        float *xs = scratch(SCRATCH_GATHER, sizeof(float) * n * in_dim);                                        \
+        float *acc = scratch(SCRATCH_ACC, sizeof(float) * n);                                                   \
         for (int64_t i = 0; i < n; i++)                                                                         \
             for (int64_t c = 0; c < in_dim; c++) xs[i * in_dim + c] = load_##SUFFIX(x + order[first + i] * x_stride + c); \
         for (int64_t g = 0; g < num_targets; g++) {                                                             \
@@ -309,8 +310,6 @@ void lora_shrink_##SUFFIX(                                                      
                     store_##SUFFIX(s + (order[first + i] * num_targets + g) * max_rank + j, acc[i]);            \
             }                                                                                                   \
         }                                                                                                       \
-        free(xs);                                                                                               \
-        free(acc);                                                                                              \
     }                                                                                                           \
 }                                                                                                               \
                                                                                                                 \
@@ -758,7 +757,7 @@ void lora_expand_bf16(
             if (r <= 0) continue;
             const int64_t width = shards * r, pairs = (width + 1) / 2, out = out_dim[g], blocks = (out + 31) / 32;
             const __m512 sc = _mm512_set1_ps(scale[a * num_targets + g]);
-            /* the thread's kept buffers: a malloc and free per segment and target cost a fifth of a decode step's expand */
+            /* the thread's kept buffers: a malloc and free per segment and target cost about a sixth of a decode step's expand */
             uint32_t *v = scratch(SCRATCH_GATHER, sizeof(uint32_t) * EXPAND_TOKENS * pairs); /* (v[c], v[c+1]) per token */
             float *acc = scratch(SCRATCH_ACC, sizeof(float) * EXPAND_TOKENS * blocks * 32);
             for (int64_t i0 = 0; i0 < n_all; i0 += EXPAND_TOKENS) {
