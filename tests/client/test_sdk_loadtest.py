@@ -62,7 +62,9 @@ class FakeLoraFleet(pb_grpc.LoraFleetServicer):
                 if request.adapter_id == "breaks" and i == 2:
                     await context.abort(grpc.StatusCode.INTERNAL, "a worker died")
                 yield self._response(request, i, last=i == count - 1)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # A client's cancel lands in our await as CancelledError, or, when it comes while grpc
+            # writes the message just yielded, closes this generator at the yield.
             self._event("cancelled")
             raise
 
