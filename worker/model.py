@@ -110,7 +110,9 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pools: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (S, vocab) in float32 for batch.logits_rows. pools: (layers, P, D)."""
+        """Next-token logits (S, vocab) for batch.logits_rows, in the model's dtype (the sampler widens
+        only what it needs: a float32 copy of a decode step's logits costs as much as the greedy pick
+        itself). pools: (layers, P, D)."""
         h, delta = self.embed_tokens(batch.input_ids), None
         rope = self.rope(batch.positions)
         for layer, pool in zip(self.layers, pools):
@@ -119,7 +121,7 @@ class LlamaModel:
         h = add_rms_norm_(h[rows], delta[rows], self.norm, self.cfg.rms_norm_eps)
         logits = linear(h, self.lm_head)
         logits = self.comm.all_gather_last(logits, kind="head_all_gather")
-        return logits[:, : self.cfg.vocab_size].float()
+        return logits[:, : self.cfg.vocab_size]
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if self.shard.size == 1:

@@ -8,15 +8,18 @@ from .step import SamplingParams, TokenLogprobs
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
-    """logits: (S, vocab) float32; positions[i]: the position the new token will take.
+    """logits: (S, vocab), any float dtype; positions[i]: the position the new token will take.
 
+    Greedy is the first largest logit of a row: `max(dim)` gives the same index as `argmax` (the
+    first, NaN included) at a third of its time on the CPU, and reads bfloat16 in place, whose
+    widening to float32 is exact and keeps the order. Sampled rows are widened to float32 first.
     A seeded row draws its noise from a generator seeded by (seed, position), so its
     tokens do not depend on the batch around it or on preemption and recompute.
     """
-    tokens = logits.argmax(dim=-1)
+    tokens = logits.max(dim=-1).indices
     for i, p in enumerate(params):
         if p.temperature > 0:
-            tokens[i] = _sample_row(logits[i], p, positions[i])
+            tokens[i] = _sample_row(logits[i].float(), p, positions[i])
     return tokens.tolist()
 
 

@@ -44,3 +44,28 @@ def test_more_candidates_than_the_vocabulary():
     (lp,) = token_logprobs(logits, params, sample(logits, params, [1]))
     assert sorted(lp.top_ids) == list(range(6))
     assert abs(sum(torch.tensor(lp.top_logprobs).exp().tolist()) - 1.0) < 1e-5
+
+
+def test_greedy_is_the_first_largest_logit_in_every_dtype():
+    """The greedy pick is argmax's of the float32 logits: the first of tied maxima, a NaN's index
+    when a row holds one, and the same for bfloat16 logits read in place."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 49152, generator=g)
+    logits[1, [7, 300, 40000]] = 50.0  # ties: the first wins
+    logits[2, [48000, 49151]] = 50.0
+    logits[3, 1234] = float("nan")
+    logits[4, :] = 0.0  # all equal: index 0
+    logits[5, 49151] = 50.0
+    expected = logits.argmax(dim=-1).tolist()
+    assert expected[1:] == [7, 48000, 1234, 0, 49151]
+    params, positions = [SamplingParams()] * 6, [1] * 6
+    assert sample(logits, params, positions) == expected
+    low = logits.to(torch.bfloat16)
+    assert sample(low, params, positions) == low.float().argmax(dim=-1).tolist()
+    assert sample(low[:, :40000], params, positions) == low[:, :40000].float().argmax(dim=-1).tolist()
+
+
+def test_a_sampled_row_draws_the_same_token_from_bfloat16_as_from_its_float32_widening():
+    logits = (torch.randn(3, 500, generator=torch.Generator().manual_seed(1)) * 3).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=s) for s in (1, 2, 3)]
+    assert sample(logits, params, [5, 6, 7]) == sample(logits.float(), params, [5, 6, 7])
