@@ -1,7 +1,6 @@
 """Reads PEFT LoRA adapters and refuses, with a message, anything lorafleet cannot serve exactly."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 
 from .config import ModelConfig
 
@@ -52,7 +52,8 @@ def target_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
 
 @dataclass
 class LoraWeights:
-    """One adapter's full (unsharded) weights, float32 on the CPU.
+    """One adapter's full (unsharded) weights on the CPU, in the dtype the file stores them in
+    (views into the buffer the file was read into; packing casts each once, into its pages).
 
     ranks[target]: the rank of that target (the largest over layers; smaller layers are zero-padded).
     scales[target]: alpha / r, or alpha / sqrt(r) for rsLoRA.
@@ -64,6 +65,8 @@ class LoraWeights:
     scales: dict[str, float]
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     version: str = ""  # a hash of the config and the tensors as read: equal files, equal versions
+    # (xxh3-128: it tells versions of a file apart; it is no defence against someone who can write
+    # the adapter folder, who can serve anything through it anyway)
 
     @property
     def rank(self) -> int:
@@ -76,7 +79,7 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
     path = Path(path)
     config = read_config(name, path)
     tensors, spans = _read_tensors(name, path)
-    version = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=16)
+    version = xxhash.xxh3_128(json.dumps(config, sort_keys=True).encode())
     version.update(repr(sorted((key, tuple(t.shape), t.dtype) for key, t in tensors.items())).encode())
     version.update(memoryview(spans.data.numpy()))
     pairs = _pair_tensors(name, tensors, cfg)
@@ -96,7 +99,7 @@ def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -
             raise AdapterError(name, f"{target} has different scales in different layers; per-layer rank_pattern/alpha_pattern is not supported")
         scales[target] = scale
         ranks[target] = max(ranks.get(target, 0), r)
-        weights[(layer, target)] = (a.float(), b.float())
+        weights[(layer, target)] = (a, b)
     if not weights:
         raise AdapterError(name, "adapter_model.safetensors holds no LoRA weights")
     # Zero-padding a smaller rank keeps the product exact but changes alpha/r: refuse mixed ranks per target.

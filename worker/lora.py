@@ -83,8 +83,10 @@ def plan_layout(ranks: dict[str, int], scales: dict[str, float], cfg: ModelConfi
 def pack_adapter(lora: LoraWeights, layout: AdapterLayout, cfg: ModelConfig, shard: Shard, page_dim: int, dtype: torch.dtype) -> torch.Tensor:
     """This rank's shard of every layer, ready to copy into pages: (layers, num_pages, page_dim).
 
-    Each weight is copied (and cast) once, straight into its place; only what no weight
-    covers (rank padding, targets a layer lacks, the last page's tail) is zeroed.
+    Each target is copied (and cast) for all its layers at once, straight into its place: the
+    layers' A (and B) stacked, then one strided copy, where a copy per layer and weight cost a
+    reader of thousands of adapters a few ms each. Only what no weight covers (rank padding,
+    targets a layer lacks, the last page's tail) is zeroed.
     """
     flat = torch.empty(cfg.num_layers, layout.num_pages * page_dim, dtype=dtype)
     flat[:, layout.length:].zero_()
@@ -92,34 +94,45 @@ def pack_adapter(lora: LoraWeights, layout: AdapterLayout, cfg: ModelConfig, sha
         b_rows, a_cols = shard_dims(cfg, target, shard)
         a_rows = slot.rank
         b_cols = slot.rank * (1 if target in ROW_PARALLEL else shard.size)
-        for layer in range(cfg.num_layers):
-            a_dst = flat[layer, slot.a_offset:slot.a_offset + a_rows * a_cols].view(a_rows, a_cols)
-            b_dst = flat[layer, slot.b_offset:slot.b_offset + b_rows * b_cols].view(b_cols, b_rows).t()  # B^T stored
-            pair = lora.weights.get((layer, target))
-            if pair is None:
-                a_dst.zero_()
-                b_dst.zero_()
-            else:
-                _copy_shard(target, pair[0], pair[1], a_dst, b_dst, shard)
+        a_span = slice(slot.a_offset, slot.a_offset + a_rows * a_cols)
+        b_span = slice(slot.b_offset, slot.b_offset + b_rows * b_cols)
+        layers = [layer for layer in range(cfg.num_layers) if (layer, target) in lora.weights]
+        a = torch.stack([lora.weights[(layer, target)][0] for layer in layers])
+        b = torch.stack([lora.weights[(layer, target)][1] for layer in layers])
+        if len(layers) == cfg.num_layers:  # the usual case: in place
+            a_dst = flat[:, a_span].view(-1, a_rows, a_cols)
+            b_dst = flat[:, b_span].view(-1, b_cols, b_rows).transpose(1, 2)  # B^T stored
+            _copy_shard(target, a, b, a_dst, b_dst, shard)
+            continue
+        a_dst = torch.empty(len(layers), a_rows, a_cols, dtype=dtype)
+        b_dst = torch.empty(len(layers), b_cols, b_rows, dtype=dtype).transpose(1, 2)
+        _copy_shard(target, a, b, a_dst, b_dst, shard)
+        present = torch.zeros(cfg.num_layers, dtype=torch.bool)
+        present[layers] = True
+        flat[present, a_span] = a_dst.flatten(1)
+        flat[present, b_span] = b_dst.transpose(1, 2).flatten(1)
+        flat[~present, a_span] = 0
+        flat[~present, b_span] = 0
     return flat.view(cfg.num_layers, layout.num_pages, page_dim)
 
 
 def _copy_shard(target: str, a: torch.Tensor, b: torch.Tensor, a_dst: torch.Tensor, b_dst: torch.Tensor, shard: Shard) -> None:
-    """Writes this rank's part of A (r, in) and B (out, r) into a_dst and b_dst, zero-padding the rank."""
+    """Writes this rank's part of A (..., r, in) and B (..., out, r) into a_dst and b_dst, zero-padding
+    the rank; leading dimensions (the layers) are copied alike."""
     n, i = shard.size, shard.rank
-    out_part = b.shape[0] // n
+    out_part = b.shape[-2] // n
     if target in ROW_PARALLEL:  # A split on in, B on out
-        in_part = a.shape[1] // n
-        a_dst.copy_(a[:, i * in_part:(i + 1) * in_part])
-        b_dst.copy_(b[i * out_part:(i + 1) * out_part])
+        in_part = a.shape[-1] // n
+        a_dst.copy_(a[..., i * in_part:(i + 1) * in_part])
+        b_dst.copy_(b[..., i * out_part:(i + 1) * out_part, :])
         return
     # column-parallel: r padded to rank_shard * n; this rank holds rows [i * rank_shard, (i + 1) * rank_shard) of A
-    r, rank_shard = a.shape[0], a_dst.shape[0]
+    r, rank_shard = a.shape[-2], a_dst.shape[-2]
     real = max(0, min(rank_shard, r - i * rank_shard))
-    a_dst[:real].copy_(a[i * rank_shard:i * rank_shard + real])
-    a_dst[real:].zero_()
-    b_dst[:, :r].copy_(b[i * out_part:(i + 1) * out_part])
-    b_dst[:, r:].zero_()
+    a_dst[..., :real, :].copy_(a[..., i * rank_shard:i * rank_shard + real, :])
+    a_dst[..., real:, :].zero_()
+    b_dst[..., :r].copy_(b[..., i * out_part:(i + 1) * out_part, :])
+    b_dst[..., r:].zero_()
 
 
 def add_column_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lora: LoraBatch | None, group: str, comm: Comm) -> None:
