@@ -1,7 +1,37 @@
 """The physical unified page pool: one tensor of pages per layer, for KV and adapter weights alike."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
+
 import torch
+
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+def host_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor whose whole 2 MB pages Linux is asked to back with transparent huge pages.
+
+    The attention and LoRA kernels read the pool a page row (a few hundred bytes) at a time at
+    scattered places, so on 4 KB pages nearly every row they touch is a TLB miss; on 2 MB pages a
+    few hundred TLB entries cover a GB. The memory is advised before it is first touched (the
+    zeroing), so the faults take huge pages directly where the kernel's THP mode is "madvise" or
+    "always"; where it is "never", or off Linux, this is an ordinary zeroed tensor.
+    """
+    count = 1
+    for d in shape:
+        count *= d
+    nbytes = count * dtype.itemsize
+    if nbytes < 2 * HUGE_PAGE or sys.platform != "linux":
+        return torch.zeros(shape, dtype=dtype)
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # untouched: large allocations are fresh mappings
+    start = -raw.data_ptr() % HUGE_PAGE
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise(raw.data_ptr() + start, nbytes // HUGE_PAGE * HUGE_PAGE, _MADV_HUGEPAGE)  # advice: a failure costs only speed
+    return raw[start:start + nbytes].view(dtype).view(shape).zero_()
 
 
 class PagePool:
@@ -11,7 +41,11 @@ class PagePool:
     def __init__(self, num_layers: int, num_pages: int, page_dim: int, dtype: torch.dtype, device="cpu"):
         if num_pages < 1:
             raise ValueError("the page pool needs at least one page; raise --pool-bytes")
-        self.pages = torch.zeros(num_layers, num_pages, page_dim, dtype=dtype, device=device)
+        shape = (num_layers, num_pages, page_dim)
+        if torch.device(device).type == "cpu":
+            self.pages = host_pages(shape, dtype)
+        else:
+            self.pages = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
     def pages_for_bytes(pool_bytes: int, num_layers: int, page_dim: int, dtype: torch.dtype) -> int:
