@@ -57,11 +57,26 @@ def write_kv(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.
         from . import triton_attention
 
         return triton_attention.write_kv(pool, k, v, slots)
-    rows = torch.cat([k.reshape(-1, kv_size), v.reshape(-1, kv_size)], dim=1)
+    rows = _adjacent_rows(k, v, kv_size)
+    if rows is None:
+        rows = torch.cat([k.reshape(-1, kv_size), v.reshape(-1, kv_size)], dim=1)
     if pool.shape[1] == 2 * kv_size:
         pool.index_copy_(0, slots, rows.to(pool.dtype))
     else:
         pool[slots, : 2 * kv_size] = rows.to(pool.dtype)
+
+
+def _adjacent_rows(k: torch.Tensor, v: torch.Tensor, kv_size: int) -> torch.Tensor | None:
+    """(T, 2 * kv_size), each row k[t] then v[t], as a view when v's row follows k's in memory (k and v
+    split from the fused q|k|v output: the model's case), so no copy is made to join them; else None."""
+    t = k.shape[0]
+    if t == 0 or k.dtype != v.dtype or k.stride(2) != 1 or v.stride(2) != 1 or k.stride(0) != v.stride(0):
+        return None
+    if k.stride(1) != k.shape[2] or v.stride(1) != v.shape[2]:
+        return None
+    if v.data_ptr() != k.data_ptr() + kv_size * k.element_size():
+        return None
+    return k.as_strided((t, 2 * kv_size), (k.stride(0), 1))
 
 
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch: AttentionBatch, num_kv_heads: int) -> torch.Tensor:

@@ -144,3 +144,28 @@ def test_kernels_compile_for_gpu(gpu_compile):
     jobs += [attention("bf16", 16, 4, 128), attention("bf16", 64, 3, 128), attention("bf16", 64, 1, 128, arch=80)]
     jobs += [attention("fp16", 64, 1, 128), attention("fp32", 16, 1, 64)]
     gpu_compile("lorafleet.kernels.triton_attention", jobs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_write_kv_of_k_and_v_split_from_one_row_equals_the_joined_copy(dtype):
+    """k and v as the model passes them (views of the fused q|k|v rows, v right after k) are written
+    without joining them first: the pool gets the same bits as from separate tensors."""
+    gen = torch.Generator().manual_seed(3)
+    num_tokens, q_heads, kv_heads, head_dim = 7, 6, 2, 8
+    qkv = torch.randn(num_tokens, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    _, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    k, v = k.unflatten(-1, (kv_heads, head_dim)), v.unflatten(-1, (kv_heads, head_dim))
+    slots = torch.randperm(30, generator=gen)[:num_tokens]
+    for extra_page_dim in (0, 5):
+        pool = torch.zeros(30, 2 * kv_heads * head_dim + extra_page_dim, dtype=dtype)
+        expected = pool.clone()
+        write_kv(pool, k, v, slots)
+        write_kv(expected, k.contiguous(), v.contiguous(), slots)
+        assert torch.equal(pool, expected)
+        assert torch.equal(pool[slots, :kv_heads * head_dim], k.flatten(1))
+        assert torch.equal(pool[slots, kv_heads * head_dim:2 * kv_heads * head_dim], v.flatten(1))
+    # v not right after k (k and v swapped in memory): joined by a copy, same result
+    pool, expected = torch.zeros(30, 2 * kv_heads * head_dim, dtype=dtype), torch.zeros(30, 2 * kv_heads * head_dim, dtype=dtype)
+    write_kv(pool, v, k, slots)
+    write_kv(expected, v.contiguous(), k.contiguous(), slots)
+    assert torch.equal(pool, expected)
