@@ -83,10 +83,11 @@ def plan_layout(ranks: dict[str, int], scales: dict[str, float], cfg: ModelConfi
 def pack_adapter(lora: LoraWeights, layout: AdapterLayout, cfg: ModelConfig, shard: Shard, page_dim: int, dtype: torch.dtype) -> torch.Tensor:
     """This rank's shard of every layer, ready to copy into pages: (layers, num_pages, page_dim).
 
-    Each target is copied (and cast) for all its layers at once, straight into its place: the
-    layers' A (and B) stacked, then one strided copy, where a copy per layer and weight cost a
-    reader of thousands of adapters a few ms each. Only what no weight covers (rank padding,
-    targets a layer lacks, the last page's tail) is zeroed.
+    Each target is copied (and cast) for all layers at once, straight into its place: the layers'
+    A (and B) stacked, then one strided copy, where a copy per layer and weight cost a reader of
+    thousands of adapters a few ms each. A layer the target skips stacks zeros in its place (its
+    rank is the target's in every layer that has it). Only what no weight covers (rank padding,
+    the last page's tail) is zeroed besides.
     """
     flat = torch.empty(cfg.num_layers, layout.num_pages * page_dim, dtype=dtype)
     flat[:, layout.length:].zero_()
@@ -94,25 +95,13 @@ def pack_adapter(lora: LoraWeights, layout: AdapterLayout, cfg: ModelConfig, sha
         b_rows, a_cols = shard_dims(cfg, target, shard)
         a_rows = slot.rank
         b_cols = slot.rank * (1 if target in ROW_PARALLEL else shard.size)
-        a_span = slice(slot.a_offset, slot.a_offset + a_rows * a_cols)
-        b_span = slice(slot.b_offset, slot.b_offset + b_rows * b_cols)
-        layers = [layer for layer in range(cfg.num_layers) if (layer, target) in lora.weights]
-        a = torch.stack([lora.weights[(layer, target)][0] for layer in layers])
-        b = torch.stack([lora.weights[(layer, target)][1] for layer in layers])
-        if len(layers) == cfg.num_layers:  # the usual case: in place
-            a_dst = flat[:, a_span].view(-1, a_rows, a_cols)
-            b_dst = flat[:, b_span].view(-1, b_cols, b_rows).transpose(1, 2)  # B^T stored
-            _copy_shard(target, a, b, a_dst, b_dst, shard)
-            continue
-        a_dst = torch.empty(len(layers), a_rows, a_cols, dtype=dtype)
-        b_dst = torch.empty(len(layers), b_cols, b_rows, dtype=dtype).transpose(1, 2)
+        pairs = [lora.weights.get((layer, target)) for layer in range(cfg.num_layers)]
+        some_a, some_b = next(pair for pair in pairs if pair is not None)
+        a = torch.stack([some_a.new_zeros(some_a.shape) if pair is None else pair[0] for pair in pairs])
+        b = torch.stack([some_b.new_zeros(some_b.shape) if pair is None else pair[1] for pair in pairs])
+        a_dst = flat[:, slot.a_offset:slot.a_offset + a_rows * a_cols].view(-1, a_rows, a_cols)
+        b_dst = flat[:, slot.b_offset:slot.b_offset + b_rows * b_cols].view(-1, b_cols, b_rows).transpose(1, 2)  # B^T stored
         _copy_shard(target, a, b, a_dst, b_dst, shard)
-        present = torch.zeros(cfg.num_layers, dtype=torch.bool)
-        present[layers] = True
-        flat[present, a_span] = a_dst.flatten(1)
-        flat[present, b_span] = b_dst.transpose(1, 2).flatten(1)
-        flat[~present, a_span] = 0
-        flat[~present, b_span] = 0
     return flat.view(cfg.num_layers, layout.num_pages, page_dim)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import sys
 
 import torch
@@ -20,10 +21,7 @@ def host_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     zeroing), so the faults take huge pages directly where the kernel's THP mode is "madvise" or
     "always"; where it is "never", or off Linux, this is an ordinary zeroed tensor.
     """
-    count = 1
-    for d in shape:
-        count *= d
-    nbytes = count * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < 2 * HUGE_PAGE or sys.platform != "linux":
         return torch.zeros(shape, dtype=dtype)
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # untouched: large allocations are fresh mappings
