@@ -172,13 +172,14 @@ def test_silu_mul_takes_strided_rows():
 # ---------------------------------------------------------------- threads, dispatch, fallbacks
 
 
+@pytest.mark.parametrize("rows", [48, 400])  # a decode step's rows, and a prefill's
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_two_threads_give_the_one_thread_result(dtype):
+def test_two_threads_give_the_one_thread_result(dtype, rows):
     """Rows split between threads (above the kernels' PARALLEL_MIN elements): bit for bit the same."""
-    h, delta, weight = randn(400, 576, dtype=dtype, seed=30), randn(400, 576, dtype=dtype, seed=31), randn(576, dtype=dtype, seed=32)
-    qkv = randn(400, 960, dtype=dtype, seed=33)
-    cos, sin = rope_tables(torch.arange(400), 64, dtype)
-    gate_up = randn(400, 3072, dtype=dtype, seed=34)
+    h, delta, weight = randn(rows, 576, dtype=dtype, seed=30), randn(rows, 576, dtype=dtype, seed=31), randn(576, dtype=dtype, seed=32)
+    qkv = randn(rows, 960, dtype=dtype, seed=33)
+    cos, sin = rope_tables(torch.arange(rows), 64, dtype)
+    gate_up = randn(rows, 3072, dtype=dtype, seed=34)
 
     def run():
         hh, q, k = h.clone(), qkv[:, :576].clone().unflatten(-1, (9, 64)), qkv[:, 576:768].clone().unflatten(-1, (3, 64))
