@@ -18,6 +18,8 @@ from .worker import Worker, check_divisible
 
 log = logging.getLogger(__name__)
 
+RELEASE_WAIT_S = 15.0  # how long a new replica waits for a shut-down one's Ray resources to come back
+
 
 class WorkerDied(RuntimeError):
     """A rank's process is gone (killed, crashed, its node lost)."""
@@ -129,8 +131,15 @@ class RayWorkerGroup:
         cpus = ray.cluster_resources().get("CPU", 0)
         per_rank = 1.0 if on_gpu else (cpus_per_rank or min(1.0, cpus / tp))
         bundle = {"GPU": 1.0, "CPU": 1.0} if on_gpu else {"CPU": per_rank}
-        have = ray.available_resources().get("GPU" if on_gpu else "CPU", 0)
-        need = tp * bundle["GPU" if on_gpu else "CPU"]
+        resource = "GPU" if on_gpu else "CPU"
+        need = tp * bundle[resource]
+        have = ray.available_resources().get(resource, 0)
+        # A replica just shut down (a restart, the previous engine in this process) frees its
+        # placement group asynchronously: where the cluster holds enough, wait a bounded while for it.
+        deadline = time.monotonic() + min(start_timeout, RELEASE_WAIT_S)
+        while have + 1e-9 < need <= ray.cluster_resources().get(resource, 0) + 1e-9 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            have = ray.available_resources().get(resource, 0)
         if have + 1e-9 < need:
             self.shutdown()
             kind = "GPUs" if on_gpu else "CPUs"

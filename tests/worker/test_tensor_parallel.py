@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 
 import psutil
 import pytest
@@ -146,6 +147,26 @@ def test_more_ranks_than_ray_has(tp_setup):
     model, root, *_ = tp_setup
     with pytest.raises(ValueError, match=r"tp=4 needs 4 GPUs in Ray, which has 0 free"):
         make_engine(model, root, tp=4, device="cuda")
+
+
+def test_a_replica_waits_for_the_ray_cpus_a_shut_down_one_is_releasing(tp_setup):
+    """Ray frees a removed placement group's CPUs asynchronously; a replica started meanwhile waits
+    for them (bounded) rather than failing with "0 free"."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    model, root, *_ = tp_setup
+    make_engine(model, root, tp=2).shutdown()  # Ray is up, with this process as its driver
+    cpus = ray.cluster_resources()["CPU"]
+    held = placement_group([{"CPU": cpus}])
+    ray.get(held.ready(), timeout=60)
+    assert ray.available_resources().get("CPU", 0) < 1
+    releaser = threading.Timer(1.0, remove_placement_group, args=(held,))
+    releaser.start()
+    try:
+        engine = make_engine(model, root, tp=2)
+        engine.shutdown()
+    finally:
+        releaser.join(timeout=10)
 
 
 def test_group_leaves_nothing_behind(tiny_models):
