@@ -128,22 +128,21 @@ class RayWorkerGroup:
             self._owns_ray = True
         self._ray = ray
         on_gpu = cfg.device.startswith("cuda")
-        cpus = ray.cluster_resources().get("CPU", 0)
-        per_rank = 1.0 if on_gpu else (cpus_per_rank or min(1.0, cpus / tp))
-        bundle = {"GPU": 1.0, "CPU": 1.0} if on_gpu else {"CPU": per_rank}
         resource = "GPU" if on_gpu else "CPU"
+        total = ray.cluster_resources().get(resource, 0)
+        per_rank = 1.0 if on_gpu else (cpus_per_rank or min(1.0, total / tp))
+        bundle = {"GPU": 1.0, "CPU": 1.0} if on_gpu else {"CPU": per_rank}
         need = tp * bundle[resource]
         have = ray.available_resources().get(resource, 0)
         # A replica just shut down (a restart, the previous engine in this process) frees its
         # placement group asynchronously: where the cluster holds enough, wait a bounded while for it.
         deadline = time.monotonic() + min(start_timeout, RELEASE_WAIT_S)
-        while have + 1e-9 < need <= ray.cluster_resources().get(resource, 0) + 1e-9 and time.monotonic() < deadline:
+        while have + 1e-9 < need <= total + 1e-9 and time.monotonic() < deadline:
             time.sleep(0.1)
             have = ray.available_resources().get(resource, 0)
         if have + 1e-9 < need:
             self.shutdown()
-            kind = "GPUs" if on_gpu else "CPUs"
-            raise ValueError(f"tp={tp} needs {need:g} {kind} in Ray, which has {have:g} free")
+            raise ValueError(f"tp={tp} needs {need:g} {resource}s in Ray, which has {have:g} free")
         # PACK by default: a replica's ranks all-reduce twice per layer, so as few nodes as fit them.
         strategy = cfg.placement_strategy
         self.pg = placement_group([dict(bundle) for _ in range(tp)], strategy=strategy)
