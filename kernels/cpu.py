@@ -133,6 +133,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"lora_expand_{suffix}").restype = None
         getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, i, p, i, p, p, p, p, i, i, i, i, ctypes.c_float, i]
         getattr(lib, f"paged_attention_{suffix}").restype = i
+    if hasattr(lib, "chunk_attention_bf16"):  # built where the CPU has native bfloat16 dot products
+        lib.chunk_attention_bf16.argtypes = lib.paged_attention_bf16.argtypes
+        lib.chunk_attention_bf16.restype = i
     f = ctypes.c_float
     for suffix in (SUFFIX[dtype] for dtype in OPS_DTYPES):
         getattr(lib, f"add_rms_norm_{suffix}").argtypes = [p, i, p, i, p, p, i, i, i, f, i]
@@ -286,12 +289,14 @@ class AttentionPlan:
 
     kernel_seqs: (S_k,) int64, the sequences the C kernel computes, in step order.
     chunks: the other sequences (MATMUL_MIN_TOKENS new tokens or more).
+    chunk_seqs: (S_c,) int64, the chunks' sequence indices, for chunk_attention_bf16.
     num_pages: the pool size the chunks' pages were checked against.
     masks: (n, c, dtype) -> the additive causal mask of a chunk after c - n cached keys, built on first use.
     """
 
     kernel_seqs: torch.Tensor
     chunks: list[Chunk]
+    chunk_seqs: torch.Tensor
     num_pages: int
     masks: dict = field(default_factory=dict)
 
@@ -315,7 +320,7 @@ def _attention_plan(num_tokens: int, pool: torch.Tensor, batch) -> AttentionPlan
             or bool((news < 1).any() | (lens < news).any() | (lens > table.shape[1]).any()
                     | (rows < 0).any() | (rows >= table.shape[0]).any())):
         raise ValueError("paged_attention: query_start, context_lens, table_rows and the page table disagree")
-    kernel_seqs, chunks = [], []
+    kernel_seqs, chunks, chunk_seqs = [], [], []
     for i, (first, n, c, row) in enumerate(zip(starts.tolist(), news.tolist(), lens.tolist(), rows.tolist())):
         if n < MATMUL_MIN_TOKENS:
             kernel_seqs.append(i)
@@ -324,7 +329,18 @@ def _attention_plan(num_tokens: int, pool: torch.Tensor, batch) -> AttentionPlan
         if int(pages.min()) < 0 or int(pages.max()) >= pool.shape[0]:
             raise ValueError(f"paged_attention: the page table row of sequence {i} points outside the pool's {pool.shape[0]} pages")
         chunks.append(Chunk(first, n, pages))
-    return AttentionPlan(torch.tensor(kernel_seqs, dtype=torch.int64), chunks, pool.shape[0])
+        chunk_seqs.append(i)
+    return AttentionPlan(torch.tensor(kernel_seqs, dtype=torch.int64), chunks,
+                         torch.tensor(chunk_seqs, dtype=torch.int64), pool.shape[0])
+
+
+def chunk_kernel(lib: ctypes.CDLL | None, q: torch.Tensor):
+    """The C function for chunks of q's dtype and head size, or None where chunks go to torch's fused
+    attention: bfloat16 on a CPU with native bfloat16 dot products, heads of an even size up to 256."""
+    head_dim = q.shape[2]
+    if q.dtype != torch.bfloat16 or head_dim % 2 or head_dim > 256 or lib is None:
+        return None
+    return getattr(lib, "chunk_attention_bf16", None)
 
 
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch, num_kv_heads: int) -> torch.Tensor:
@@ -341,17 +357,22 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch, num_kv_heads: in
     plan = batch._cpu_plan
     q = q if q.stride(2) == 1 and q.stride(1) == head_dim else q.contiguous()
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype)
-    if plan.kernel_seqs.numel():
-        fn = getattr(library(), f"paged_attention_{SUFFIX[q.dtype]}")
+    lib = library()
+    chunk_fn = chunk_kernel(lib, q) if plan.chunks else None
+    for fn, seqs in ((getattr(lib, f"paged_attention_{SUFFIX[q.dtype]}"), plan.kernel_seqs), (chunk_fn, plan.chunk_seqs)):
+        if fn is None or not seqs.numel():
+            continue
         bad = fn(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0),
                  pool.data_ptr(), pool.shape[1], pool.shape[0], batch.page_table.data_ptr(), batch.page_table.shape[1],
                  batch.table_rows.data_ptr(), batch.query_start.data_ptr(), batch.context_lens.data_ptr(),
-                 plan.kernel_seqs.data_ptr(), plan.kernel_seqs.numel(),
-                 num_heads, num_kv_heads, head_dim, head_dim ** -0.5, torch.get_num_threads())
+                 seqs.data_ptr(), seqs.numel(), num_heads, num_kv_heads, head_dim, head_dim ** -0.5,
+                 torch.get_num_threads())
         if bad:
             raise ValueError(f"paged_attention: the page table row of sequence {bad - 1} points outside the pool's {pool.shape[0]} pages")
-    for chunk in plan.chunks:
-        out[chunk.first:chunk.first + chunk.n] = _chunk_attention(q[chunk.first:chunk.first + chunk.n], pool, chunk, plan, num_kv_heads)
+    if chunk_fn is None:
+        for chunk in plan.chunks:
+            out[chunk.first:chunk.first + chunk.n] = _chunk_attention(q[chunk.first:chunk.first + chunk.n], pool, chunk,
+                                                                      plan, num_kv_heads)
     return out
 
 

@@ -362,6 +362,188 @@ int64_t paged_attention_bf16(
     }
     return outside;
 }
+
+/* Prefill chunks in bfloat16, blocked like a matrix product, K and V read through the pages.
+ *
+ * The same op as paged_attention_bf16 for sequences with many new tokens (kernels/cpu.py sends
+ * chunks of MATMUL_MIN_TOKENS or more here): decode reads each key once per token, which is all
+ * there is to do for one token, but a chunk of n tokens would read every key n times, one score at
+ * a time. Here the work of one sequence, kv head and block of CHUNK_TOKENS new tokens is one task
+ * (tasks run in parallel): its keys are copied once into `kp`, pairs of bf16 arranged for
+ * vdpbf16ps (32 keys per block, [block][pair][key]), and CHUNK_ROWS query rows (a row is one new
+ * token's query head) are scored against 32 keys at a time with the queries' pairs broadcast,
+ * 2 * CHUNK_ROWS accumulators in registers: one vdpbf16ps per 64 multiply-adds, with no horizontal
+ * sums. The rows' scores (scaled, float32) go to `w`; each row's softmax runs in float32 up to its
+ * own last visible key, and P.V sums the rows' unnormalised weights times
+ * V in float32, 64 dims (four registers) per row at a time, each V row widened once for all the
+ * rows; the sums are divided by the rows' totals when stored. Only the bf16 products of q.k are
+ * exact-then-summed differently from the reference (float32 sums in another order).
+ * head_dim must be even and at most 256 (the caller checks). Returns as paged_attention_bf16. */
+#define CHUNK_ROWS 6
+#define CHUNK_TOKENS 32
+
+/* the low n lanes of 16 (none for n <= 0) */
+static inline __mmask16 lanes16_or_none(int64_t n) { return n <= 0 ? (__mmask16)0 : lanes16(n); }
+
+/* w[r][j] = scale * q_r . K_j for the CHUNK_ROWS rows r (query pairs at qp[r]) and the 32 keys of
+ * packed block kb (npair pairs of 32 keys each) */
+static inline __attribute__((always_inline)) void qk_rows_bf16(const int32_t *const qp[CHUNK_ROWS], const int32_t *kb,
+                                                              int64_t npair, __m512 sc, float *w, int64_t w_stride) {
+    __m512 acc[CHUNK_ROWS][2];
+    for (int r = 0; r < CHUNK_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < npair; p++) {
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + p * 32), k1 = (__m512bh)_mm512_loadu_si512(kb + p * 32 + 16);
+#pragma GCC unroll 6
+        for (int r = 0; r < CHUNK_ROWS; r++) {
+            int32_t pair;
+            memcpy(&pair, qp[r] + p, sizeof pair);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, k0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, k1);
+        }
+    }
+    for (int r = 0; r < CHUNK_ROWS; r++) {
+        _mm512_storeu_ps(w + r * w_stride, _mm512_mul_ps(acc[r][0], sc));
+        _mm512_storeu_ps(w + r * w_stride + 16, _mm512_mul_ps(acc[r][1], sc));
+    }
+}
+
+/* V_j[d0 .. d0 + 64) widened to float32, lanes outside m zero */
+static inline void v_row_bf16(const bf16 *value, const __mmask16 m[4], __m512 v[4]) {
+    for (int ch = 0; ch < 4; ch++)
+        v[ch] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m[ch], value + ch * 16)), 16));
+}
+
+/* acc[r] = sum_{j <= last[r]} w[r][j] V_j[d0 .. d0 + 64) for the CHUNK_ROWS rows (last[] ascending),
+ * stored to o[r] times inv[r] for the first `rows` rows. Keys every row sees take one pass of FMAs;
+ * the few seen by only the later rows of the block are added to those rows alone, so a row never
+ * touches a later key's V (0 * inf would be NaN). */
+static inline __attribute__((always_inline)) void pv_rows_bf16(const float *w, int64_t w_stride, const int64_t last[CHUNK_ROWS],
+                                                              const int64_t *pages, int64_t row_dim, const bf16 *v0,
+                                                              const __mmask16 m[4], const float inv[CHUNK_ROWS],
+                                                              bf16 *const o[CHUNK_ROWS], int rows) {
+    __m512 acc[CHUNK_ROWS][4], v[4];
+    for (int r = 0; r < CHUNK_ROWS; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+    const int64_t common = last[0] + 1, keys = last[CHUNK_ROWS - 1] + 1;
+    for (int64_t j = 0; j < common; j++) {
+        if (j + AHEAD < keys) prefetch_row(v0 + pages[j + AHEAD] * row_dim, 128);
+        v_row_bf16(v0 + pages[j] * row_dim, m, v);
+#pragma GCC unroll 6
+        for (int r = 0; r < CHUNK_ROWS; r++) {
+            const __m512 wr = _mm512_set1_ps(w[r * w_stride + j]);
+            for (int ch = 0; ch < 4; ch++) acc[r][ch] = _mm512_fmadd_ps(wr, v[ch], acc[r][ch]);
+        }
+    }
+    for (int64_t j = common; j < keys; j++) {
+        v_row_bf16(v0 + pages[j] * row_dim, m, v);
+        for (int r = 0; r < CHUNK_ROWS; r++) {
+            if (j > last[r]) continue;
+            const __m512 wr = _mm512_set1_ps(w[r * w_stride + j]);
+            for (int ch = 0; ch < 4; ch++) acc[r][ch] = _mm512_fmadd_ps(wr, v[ch], acc[r][ch]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int ch = 0; ch < 4; ch++)
+            _mm256_mask_storeu_epi16(o[r] + ch * 16, m[ch], (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][ch], _mm512_set1_ps(inv[r]))));
+}
+
+int64_t chunk_attention_bf16(
+    const bf16 *q, int64_t q_stride_t, bf16 *out, int64_t out_stride_t,
+    const bf16 *pool, int64_t row_dim, int64_t num_pages,
+    const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,
+    const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)
+{
+    const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim, npair = head_dim / 2;
+    /* tasks: (sequence, kv head, block of CHUNK_TOKENS new tokens); first_task[s] is sequence s's first */
+    int64_t *first_task = malloc(sizeof(int64_t) * (num_seqs + 1)), max_keys = 0;
+    first_task[0] = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t i = seqs[s], n = query_start[i + 1] - query_start[i];
+        first_task[s + 1] = first_task[s] + num_kv_heads * ((n + CHUNK_TOKENS - 1) / CHUNK_TOKENS);
+        max_keys = context_lens[i] > max_keys ? context_lens[i] : max_keys;
+    }
+    const int64_t num_tasks = first_task[num_seqs], padded = (max_keys + 31) / 32 * 32;
+    int64_t outside = 0;
+    _Pragma("omp parallel num_threads(threads) if(threads > 1 && num_tasks > 1)")
+    {
+        /* this thread's keys (packed) and scores, sized for the longest context of the call */
+        int32_t *kp = aligned_alloc(64, sizeof(int32_t) * npair * padded);
+        float *w = aligned_alloc(64, sizeof(float) * CHUNK_ROWS * padded);
+        int64_t s = 0;
+        _Pragma("omp for schedule(dynamic, 1)")
+        for (int64_t task = 0; task < num_tasks; task++) {
+            while (first_task[s + 1] <= task) s++;
+            while (first_task[s] > task) s--;
+            const int64_t i = seqs[s], local = task - first_task[s];
+            const int64_t hk = local % num_kv_heads, block = local / num_kv_heads;
+            const int64_t first = query_start[i], n = query_start[i + 1] - first, c = context_lens[i];
+            const int64_t k0 = block * CHUNK_TOKENS, k1 = k0 + CHUNK_TOKENS < n ? k0 + CHUNK_TOKENS : n;
+            const int64_t keys = c - n + k1; /* the block's last token sees positions 0 .. keys - 1 */
+            const int64_t *pages = page_table + table_rows[i] * table_stride;
+            if (!pages_inside(pages, keys, num_pages)) {
+                _Pragma("omp atomic write")
+                outside = i + 1;
+                continue;
+            }
+            const int64_t blocks = (keys + 31) / 32;
+            for (int64_t j = 0; j < blocks * 32; j++) { /* K of this kv head, pairs of dims, keys past `keys` zero */
+                int32_t *dst = kp + (j / 32) * npair * 32 + j % 32;
+                if (j < keys) {
+                    const int32_t *src = (const int32_t *)(pool + pages[j] * row_dim + hk * head_dim);
+                    for (int64_t p = 0; p < npair; p++) memcpy(dst + p * 32, src + p, sizeof(int32_t));
+                } else {
+                    for (int64_t p = 0; p < npair; p++) dst[p * 32] = 0;
+                }
+            }
+            const __m512 sc = _mm512_set1_ps(scale);
+            const int64_t rows = (k1 - k0) * ratio; /* row r: token k0 + r / ratio, query head hk * ratio + r % ratio */
+            for (int64_t r0 = 0; r0 < rows; r0 += CHUNK_ROWS) {
+                const int m = rows - r0 < CHUNK_ROWS ? (int)(rows - r0) : CHUNK_ROWS;
+                const int32_t *qp[CHUNK_ROWS];
+                bf16 *o[CHUNK_ROWS];
+                int64_t last[CHUNK_ROWS];
+                for (int r = 0; r < CHUNK_ROWS; r++) { /* rows past m repeat row m - 1; they are not stored */
+                    const int64_t row = r0 + (r < m ? r : m - 1), k = k0 + row / ratio, t = first + k;
+                    const int64_t head = hk * ratio + row % ratio;
+                    qp[r] = (const int32_t *)(q + t * q_stride_t + head * head_dim);
+                    o[r] = out + t * out_stride_t + head * head_dim;
+                    last[r] = c - n + k;
+                }
+                const int64_t seen = last[CHUNK_ROWS - 1] + 1; /* keys any row of the block sees */
+                for (int64_t b = 0; b < (seen + 31) / 32; b++)
+                    qk_rows_bf16(qp, kp + b * npair * 32, npair, sc, w + b * 32, padded);
+                float inv[CHUNK_ROWS];
+                for (int r = 0; r < CHUNK_ROWS; r++) {
+                    float *wr = w + r * padded;
+                    const int64_t count = last[r] + 1;
+                    __m512 top16 = _mm512_set1_ps(-INFINITY), total16 = _mm512_setzero_ps();
+                    for (int64_t p = 0; p < count; p += 16)
+                        top16 = _mm512_mask_max_ps(top16, lanes16(count - p), top16, _mm512_loadu_ps(wr + p));
+                    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top16));
+                    for (int64_t p = 0; p < count; p += 16) { /* the weights, unnormalised */
+                        const __mmask16 mine = lanes16(count - p);
+                        const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mine, wr + p), top));
+                        _mm512_mask_storeu_ps(wr + p, mine, e);
+                        total16 = _mm512_mask_add_ps(total16, mine, total16, e);
+                    }
+                    inv[r] = 1.0f / _mm512_reduce_add_ps(total16);
+                }
+                for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
+                    __mmask16 mk[4];
+                    for (int ch = 0; ch < 4; ch++) mk[ch] = lanes16_or_none(head_dim - d0 - ch * 16);
+                    bf16 *od[CHUNK_ROWS];
+                    for (int r = 0; r < CHUNK_ROWS; r++) od[r] = o[r] + d0;
+                    pv_rows_bf16(w, padded, last, pages, row_dim, pool + kv_size + hk * head_dim + d0, mk, inv, od, m);
+                }
+            }
+        }
+        free(kp);
+        free(w);
+    }
+    free(first_task);
+    return outside;
+}
 #else
 DEFINE_ATTENTION(bf16, bf16)
 #endif
