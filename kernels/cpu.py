@@ -133,9 +133,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"lora_expand_{suffix}").restype = None
         getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, i, p, i, p, p, p, p, i, i, i, i, ctypes.c_float, i]
         getattr(lib, f"paged_attention_{suffix}").restype = i
-    if hasattr(lib, "chunk_attention_bf16"):  # built where the CPU has native bfloat16 dot products
-        lib.chunk_attention_bf16.argtypes = lib.paged_attention_bf16.argtypes
-        lib.chunk_attention_bf16.restype = i
+    for suffix in ("f32", "bf16"):  # built with AVX-512 (bf16: and native bfloat16 dot products)
+        if hasattr(lib, f"chunk_attention_{suffix}"):
+            getattr(lib, f"chunk_attention_{suffix}").argtypes = lib.paged_attention_f32.argtypes
+            getattr(lib, f"chunk_attention_{suffix}").restype = i
     f = ctypes.c_float
     for suffix in (SUFFIX[dtype] for dtype in OPS_DTYPES):
         getattr(lib, f"add_rms_norm_{suffix}").argtypes = [p, i, p, i, p, p, i, i, i, f, i]
@@ -335,12 +336,11 @@ def _attention_plan(num_tokens: int, pool: torch.Tensor, batch) -> AttentionPlan
 
 
 def chunk_kernel(lib: ctypes.CDLL | None, q: torch.Tensor):
-    """The C function for chunks of q's dtype and head size, or None where chunks go to torch's fused
-    attention: bfloat16 on a CPU with native bfloat16 dot products, heads of an even size up to 256."""
-    head_dim = q.shape[2]
-    if q.dtype != torch.bfloat16 or head_dim % 2 or head_dim > 256 or lib is None:
+    """The C function for chunks of q's dtype, or None where chunks go to torch's fused attention: float32
+    on a CPU with AVX-512, bfloat16 on one with native bfloat16 dot products too (heads of an even size)."""
+    if lib is None or q.dtype not in (torch.float32, torch.bfloat16) or (q.dtype == torch.bfloat16 and q.shape[2] % 2):
         return None
-    return getattr(lib, "chunk_attention_bf16", None)
+    return getattr(lib, f"chunk_attention_{SUFFIX[q.dtype]}", None)
 
 
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch, num_kv_heads: int) -> torch.Tensor:

@@ -363,43 +363,55 @@ int64_t paged_attention_bf16(
     return outside;
 }
 
-/* Prefill chunks in bfloat16, blocked like a matrix product, K and V read through the pages.
+#else
+DEFINE_ATTENTION(bf16, bf16)
+#endif
+
+#if defined(__AVX512F__)
+/* Prefill chunks, blocked like a matrix product, K and V read through the pages (float32, and
+ * bfloat16 where the CPU has native bfloat16 dot products).
  *
- * The same op as paged_attention_bf16 for sequences with many new tokens (kernels/cpu.py sends
- * chunks of MATMUL_MIN_TOKENS or more here): decode reads each key once per token, which is all
- * there is to do for one token, but a chunk of n tokens would read every key n times, one score at
- * a time. Here the work of one sequence, kv head and block of CHUNK_TOKENS new tokens is one task
- * (tasks run in parallel): its keys are copied once into `kp`, pairs of bf16 arranged for
- * vdpbf16ps (32 keys per block, [block][pair][key]), and CHUNK_ROWS query rows (a row is one new
- * token's query head) are scored against 32 keys at a time with the queries' pairs broadcast,
- * 2 * CHUNK_ROWS accumulators in registers: one vdpbf16ps per 64 multiply-adds, with no horizontal
- * sums. The rows' scores (scaled, float32) go to `w`; each row's softmax runs in float32 up to its
- * own last visible key, and P.V sums the rows' unnormalised weights times
- * V in float32, 64 dims (four registers) per row at a time, each V row widened once for all the
- * rows; the sums are divided by the rows' totals when stored. Only the bf16 products of q.k are
- * exact-then-summed differently from the reference (float32 sums in another order).
- * head_dim must be even and at most 256 (the caller checks). Returns as paged_attention_bf16. */
+ * The same op as paged_attention_* for sequences with many new tokens (kernels/cpu.py sends chunks
+ * of MATMUL_MIN_TOKENS or more here): decode reads each key once per token, which is all there is
+ * to do for one token, but a chunk of n tokens would read every key n times, one score at a time.
+ * Here the work of one sequence, kv head and block of CHUNK_TOKENS new tokens is one task (tasks run
+ * in parallel). Its keys are copied once into `kp` as 4-byte units (bf16: pairs of dims, for
+ * vdpbf16ps; float32: one dim), 32 keys per block, [block][unit][key]. CHUNK_ROWS query rows (a row
+ * is one new token's query head) are scored against 32 keys at a time, each query unit broadcast,
+ * 2 * CHUNK_ROWS accumulators in registers and no horizontal sums. The rows' scores (scaled,
+ * float32) go to `w`; each row's softmax runs in float32 up to its own last visible key, and P.V
+ * sums the rows' unnormalised weights times V in float32, 64 dims (four registers) per row at a time,
+ * each V row loaded (and widened) once for all the rows; the sums are divided by the rows' totals
+ * when stored. Returns as paged_attention_*. */
 #define CHUNK_ROWS 6
 #define CHUNK_TOKENS 32
 
 /* the low n lanes of 16 (none for n <= 0) */
 static inline __mmask16 lanes16_or_none(int64_t n) { return n <= 0 ? (__mmask16)0 : lanes16(n); }
 
-/* w[r][j] = scale * q_r . K_j for the CHUNK_ROWS rows r (query pairs at qp[r]) and the 32 keys of
- * packed block kb (npair pairs of 32 keys each) */
-static inline __attribute__((always_inline)) void qk_rows_bf16(const int32_t *const qp[CHUNK_ROWS], const int32_t *kb,
-                                                              int64_t npair, __m512 sc, float *w, int64_t w_stride) {
+/* w[r][j] = scale * q_r . K_j for the CHUNK_ROWS rows r (the query's units at qp[r]) and the 32 keys
+ * of packed block kb (units units of 32 keys each) */
+static inline __attribute__((always_inline)) void qk_rows(const int32_t *const qp[CHUNK_ROWS], const int32_t *kb,
+                                                         int64_t units, __m512 sc, float *w, int64_t w_stride,
+                                                         const int bf16_pairs) {
     __m512 acc[CHUNK_ROWS][2];
     for (int r = 0; r < CHUNK_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < npair; p++) {
-        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + p * 32), k1 = (__m512bh)_mm512_loadu_si512(kb + p * 32 + 16);
+    for (int64_t u = 0; u < units; u++) {
+        const __m512i k0 = _mm512_loadu_si512(kb + u * 32), k1 = _mm512_loadu_si512(kb + u * 32 + 16);
 #pragma GCC unroll 6
         for (int r = 0; r < CHUNK_ROWS; r++) {
-            int32_t pair;
-            memcpy(&pair, qp[r] + p, sizeof pair);
-            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, k0);
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, k1);
+            int32_t unit;
+            memcpy(&unit, qp[r] + u, sizeof unit);
+            const __m512i a = _mm512_set1_epi32(unit);
+#if LORAFLEET_NATIVE_BF16
+            if (bf16_pairs) {
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)a, (__m512bh)k0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)a, (__m512bh)k1);
+                continue;
+            }
+#endif
+            acc[r][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(k0), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(k1), acc[r][1]);
         }
     }
     for (int r = 0; r < CHUNK_ROWS; r++) {
@@ -408,26 +420,35 @@ static inline __attribute__((always_inline)) void qk_rows_bf16(const int32_t *co
     }
 }
 
-/* V_j[d0 .. d0 + 64) widened to float32, lanes outside m zero */
-static inline void v_row_bf16(const bf16 *value, const __mmask16 m[4], __m512 v[4]) {
-    for (int ch = 0; ch < 4; ch++)
-        v[ch] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m[ch], value + ch * 16)), 16));
+/* V_j[d0 .. d0 + 64) as float32 (value: its first element, 2 or 4 bytes each), lanes outside m zero */
+static inline __attribute__((always_inline)) void v_row(const char *value, const __mmask16 m[4], __m512 v[4],
+                                                       const int bf16_pairs) {
+    for (int ch = 0; ch < 4; ch++) {
+#if LORAFLEET_NATIVE_BF16
+        if (bf16_pairs) {
+            const __m256i raw = _mm256_maskz_loadu_epi16(m[ch], (const bf16 *)value + ch * 16);
+            v[ch] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            continue;
+        }
+#endif
+        v[ch] = _mm512_maskz_loadu_ps(m[ch], (const float *)value + ch * 16);
+    }
 }
 
 /* acc[r] = sum_{j <= last[r]} w[r][j] V_j[d0 .. d0 + 64) for the CHUNK_ROWS rows (last[] ascending),
  * stored to o[r] times inv[r] for the first `rows` rows. Keys every row sees take one pass of FMAs;
  * the few seen by only the later rows of the block are added to those rows alone, so a row never
- * touches a later key's V (0 * inf would be NaN). */
-static inline __attribute__((always_inline)) void pv_rows_bf16(const float *w, int64_t w_stride, const int64_t last[CHUNK_ROWS],
-                                                              const int64_t *pages, int64_t row_dim, const bf16 *v0,
-                                                              const __mmask16 m[4], const float inv[CHUNK_ROWS],
-                                                              bf16 *const o[CHUNK_ROWS], int rows) {
+ * touches a later key's V (0 * inf would be NaN). v0: V of position 0's page at d0; esize: 2 or 4. */
+static inline __attribute__((always_inline)) void pv_rows(const float *w, int64_t w_stride, const int64_t last[CHUNK_ROWS],
+                                                         const int64_t *pages, int64_t row_bytes, const char *v0,
+                                                         const __mmask16 m[4], const float inv[CHUNK_ROWS],
+                                                         char *const o[CHUNK_ROWS], int rows, const int bf16_pairs) {
     __m512 acc[CHUNK_ROWS][4], v[4];
     for (int r = 0; r < CHUNK_ROWS; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
     const int64_t common = last[0] + 1, keys = last[CHUNK_ROWS - 1] + 1;
     for (int64_t j = 0; j < common; j++) {
-        if (j + AHEAD < keys) prefetch_row(v0 + pages[j + AHEAD] * row_dim, 128);
-        v_row_bf16(v0 + pages[j] * row_dim, m, v);
+        if (j + AHEAD < keys) prefetch_row(v0 + pages[j + AHEAD] * row_bytes, bf16_pairs ? 128 : 256);
+        v_row(v0 + pages[j] * row_bytes, m, v, bf16_pairs);
 #pragma GCC unroll 6
         for (int r = 0; r < CHUNK_ROWS; r++) {
             const __m512 wr = _mm512_set1_ps(w[r * w_stride + j]);
@@ -435,7 +456,7 @@ static inline __attribute__((always_inline)) void pv_rows_bf16(const float *w, i
         }
     }
     for (int64_t j = common; j < keys; j++) {
-        v_row_bf16(v0 + pages[j] * row_dim, m, v);
+        v_row(v0 + pages[j] * row_bytes, m, v, bf16_pairs);
         for (int r = 0; r < CHUNK_ROWS; r++) {
             if (j > last[r]) continue;
             const __m512 wr = _mm512_set1_ps(w[r * w_stride + j]);
@@ -443,18 +464,27 @@ static inline __attribute__((always_inline)) void pv_rows_bf16(const float *w, i
         }
     }
     for (int r = 0; r < rows; r++)
-        for (int ch = 0; ch < 4; ch++)
-            _mm256_mask_storeu_epi16(o[r] + ch * 16, m[ch], (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][ch], _mm512_set1_ps(inv[r]))));
+        for (int ch = 0; ch < 4; ch++) {
+            const __m512 x = _mm512_mul_ps(acc[r][ch], _mm512_set1_ps(inv[r]));
+#if LORAFLEET_NATIVE_BF16
+            if (bf16_pairs) {
+                _mm256_mask_storeu_epi16((bf16 *)o[r] + ch * 16, m[ch], (__m256i)_mm512_cvtneps_pbh(x));
+                continue;
+            }
+#endif
+            _mm512_mask_storeu_ps((float *)o[r] + ch * 16, m[ch], x);
+        }
 }
 
-int64_t chunk_attention_bf16(
-    const bf16 *q, int64_t q_stride_t, bf16 *out, int64_t out_stride_t,
-    const bf16 *pool, int64_t row_dim, int64_t num_pages,
+static inline __attribute__((always_inline)) int64_t chunk_attention(
+    const char *q, int64_t q_stride_t, char *out, int64_t out_stride_t,
+    const char *pool, int64_t row_dim, int64_t num_pages,
     const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,
     const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads, const int bf16_pairs)
 {
-    const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim, npair = head_dim / 2;
+    const int64_t esize = bf16_pairs ? 2 : 4, units = bf16_pairs ? head_dim / 2 : head_dim;
+    const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim, row_bytes = row_dim * esize;
     /* tasks: (sequence, kv head, block of CHUNK_TOKENS new tokens); first_task[s] is sequence s's first */
     int64_t *first_task = malloc(sizeof(int64_t) * (num_seqs + 1)), max_keys = 0;
     first_task[0] = 0;
@@ -468,7 +498,7 @@ int64_t chunk_attention_bf16(
     _Pragma("omp parallel num_threads(threads) if(threads > 1 && num_tasks > 1)")
     {
         /* this thread's keys (packed) and scores, sized for the longest context of the call */
-        int32_t *kp = aligned_alloc(64, sizeof(int32_t) * npair * padded);
+        int32_t *kp = aligned_alloc(64, sizeof(int32_t) * units * padded);
         float *w = aligned_alloc(64, sizeof(float) * CHUNK_ROWS * padded);
         int64_t s = 0;
         _Pragma("omp for schedule(dynamic, 1)")
@@ -487,13 +517,13 @@ int64_t chunk_attention_bf16(
                 continue;
             }
             const int64_t blocks = (keys + 31) / 32;
-            for (int64_t j = 0; j < blocks * 32; j++) { /* K of this kv head, pairs of dims, keys past `keys` zero */
-                int32_t *dst = kp + (j / 32) * npair * 32 + j % 32;
+            for (int64_t j = 0; j < blocks * 32; j++) { /* K of this kv head; keys past `keys` zero */
+                int32_t *dst = kp + (j / 32) * units * 32 + j % 32;
                 if (j < keys) {
-                    const int32_t *src = (const int32_t *)(pool + pages[j] * row_dim + hk * head_dim);
-                    for (int64_t p = 0; p < npair; p++) memcpy(dst + p * 32, src + p, sizeof(int32_t));
+                    const char *src = pool + pages[j] * row_bytes + hk * head_dim * esize;
+                    for (int64_t u = 0; u < units; u++) memcpy(dst + u * 32, src + u * 4, sizeof(int32_t));
                 } else {
-                    for (int64_t p = 0; p < npair; p++) dst[p * 32] = 0;
+                    for (int64_t u = 0; u < units; u++) dst[u * 32] = 0;
                 }
             }
             const __m512 sc = _mm512_set1_ps(scale);
@@ -501,18 +531,18 @@ int64_t chunk_attention_bf16(
             for (int64_t r0 = 0; r0 < rows; r0 += CHUNK_ROWS) {
                 const int m = rows - r0 < CHUNK_ROWS ? (int)(rows - r0) : CHUNK_ROWS;
                 const int32_t *qp[CHUNK_ROWS];
-                bf16 *o[CHUNK_ROWS];
+                char *o[CHUNK_ROWS];
                 int64_t last[CHUNK_ROWS];
                 for (int r = 0; r < CHUNK_ROWS; r++) { /* rows past m repeat row m - 1; they are not stored */
                     const int64_t row = r0 + (r < m ? r : m - 1), k = k0 + row / ratio, t = first + k;
                     const int64_t head = hk * ratio + row % ratio;
-                    qp[r] = (const int32_t *)(q + t * q_stride_t + head * head_dim);
-                    o[r] = out + t * out_stride_t + head * head_dim;
+                    qp[r] = (const int32_t *)(q + (t * q_stride_t + head * head_dim) * esize);
+                    o[r] = out + (t * out_stride_t + head * head_dim) * esize;
                     last[r] = c - n + k;
                 }
                 const int64_t seen = last[CHUNK_ROWS - 1] + 1; /* keys any row of the block sees */
                 for (int64_t b = 0; b < (seen + 31) / 32; b++)
-                    qk_rows_bf16(qp, kp + b * npair * 32, npair, sc, w + b * 32, padded);
+                    qk_rows(qp, kp + b * units * 32, units, sc, w + b * 32, padded, bf16_pairs);
                 float inv[CHUNK_ROWS];
                 for (int r = 0; r < CHUNK_ROWS; r++) {
                     float *wr = w + r * padded;
@@ -532,9 +562,10 @@ int64_t chunk_attention_bf16(
                 for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
                     __mmask16 mk[4];
                     for (int ch = 0; ch < 4; ch++) mk[ch] = lanes16_or_none(head_dim - d0 - ch * 16);
-                    bf16 *od[CHUNK_ROWS];
-                    for (int r = 0; r < CHUNK_ROWS; r++) od[r] = o[r] + d0;
-                    pv_rows_bf16(w, padded, last, pages, row_dim, pool + kv_size + hk * head_dim + d0, mk, inv, od, m);
+                    char *od[CHUNK_ROWS];
+                    for (int r = 0; r < CHUNK_ROWS; r++) od[r] = o[r] + d0 * esize;
+                    pv_rows(w, padded, last, pages, row_bytes, pool + (kv_size + hk * head_dim + d0) * esize, mk, inv, od, m,
+                            bf16_pairs);
                 }
             }
         }
@@ -544,6 +575,22 @@ int64_t chunk_attention_bf16(
     free(first_task);
     return outside;
 }
-#else
-DEFINE_ATTENTION(bf16, bf16)
+
+#define DEFINE_CHUNK_ATTENTION(T, SUFFIX, BF16_PAIRS)                                                          \
+int64_t chunk_attention_##SUFFIX(                                                                               \
+    const T *q, int64_t q_stride_t, T *out, int64_t out_stride_t,                                               \
+    const T *pool, int64_t row_dim, int64_t num_pages,                                                          \
+    const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,                                 \
+    const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,             \
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)                    \
+{                                                                                                               \
+    return chunk_attention((const char *)q, q_stride_t, (char *)out, out_stride_t, (const char *)pool, row_dim, \
+                           num_pages, page_table, table_stride, table_rows, query_start, context_lens, seqs,    \
+                           num_seqs, num_heads, num_kv_heads, head_dim, scale, threads, BF16_PAIRS);           \
+}
+
+DEFINE_CHUNK_ATTENTION(float, f32, 0)
+#if LORAFLEET_NATIVE_BF16
+DEFINE_CHUNK_ATTENTION(bf16, bf16, 1) /* bf16 head_dim must be even (pairs); the caller checks */
+#endif
 #endif

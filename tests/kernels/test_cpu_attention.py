@@ -82,8 +82,9 @@ def test_long_contexts(make_attention_case, dtype):
 
 
 def test_every_layer_shares_the_plan_of_the_step(make_attention_case):
-    """The plan (checks, paths, masks) is built on the first call of a step and reused after it."""
-    case = make_attention_case(STEPS["chunks"], ratio=3, seed=7)
+    """The plan (checks, paths, masks) is built on the first call of a step and reused after it. float16
+    chunks take torch's fused attention, with the masks of the chunks after cached keys."""
+    case = make_attention_case(STEPS["chunks"], ratio=3, dtype=torch.float16, seed=7)
     first = cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
     plan = case.batch._cpu_plan
     assert len(plan.masks) == 2  # the two chunks after cached keys; (150, 16) and (84, 40)
@@ -223,35 +224,42 @@ def test_the_library_built_without_avx512_matches_the_reference(make_attention_c
         assert_matches_reference(case)
 
 
-needs_native_bf16 = pytest.mark.skipif(not cpu.native_bf16(), reason="the CPU has no native bfloat16 dot products")
+def chunk_kernel_here(dtype: torch.dtype) -> bool:
+    """Whether this machine's library has the C chunk kernel of dtype (AVX-512; bfloat16: AVX512-BF16 too)."""
+    return cpu.chunk_kernel(cpu.library(), torch.empty(1, 1, 2, dtype=dtype)) is not None
 
 
-@needs_native_bf16
 @pytest.mark.parametrize("head_dim", [16, 40, 64, 96, 128, 256])
 @pytest.mark.parametrize("ratio", [1, 3, 4])
-def test_bfloat16_chunks_run_in_the_c_chunk_kernel(make_attention_case, monkeypatch, head_dim, ratio):
-    """With native bfloat16 dot products, chunks go to chunk_attention_bf16, not torch's fused attention:
-    head sizes of one to sixteen registers (40: a masked tail; 96 and 256: a second 64-dim pass of P.V),
-    chunks of 8 to 97 tokens that are and are not multiples of the 32 tokens of a task and the 32 keys of
-    a block, fresh and after cached keys, beside decodes."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunks_run_in_the_c_chunk_kernel(make_attention_case, monkeypatch, dtype, head_dim, ratio):
+    """Where the library has it, chunks go to chunk_attention_*, not torch's fused attention: head sizes of
+    one to sixteen registers (40: a masked tail; 96 and 256: more than one 64-dim pass of P.V), chunks of
+    8 to 97 tokens that are and are not multiples of the 32 tokens of a task and the 32 keys of a block,
+    fresh and after cached keys, beside decodes."""
+    if not chunk_kernel_here(dtype):
+        pytest.skip(f"no C chunk kernel for {dtype} on this CPU")
+
     def no_fused(*args, **kwargs):
-        raise AssertionError("a bfloat16 chunk went to torch's fused attention")
+        raise AssertionError("a chunk went to torch's fused attention")
 
     monkeypatch.setattr(cpu, "_chunk_attention", no_fused)
     steps = [(97, 97), (9, 1), (64, 32), (150, 33), (8, 8), (40, 9)]
     case = make_attention_case(steps, num_kv_heads=2, ratio=ratio, head_dim=head_dim, extra_rows=3, extra_cols=7,
-                               dtype=torch.bfloat16, seed=head_dim + ratio)
+                               dtype=dtype, seed=head_dim + ratio)
     assert_matches_reference(case)
     assert_matches_reference(case, threads=2)
     assert case.batch._cpu_plan.chunk_seqs.tolist() == [0, 2, 3, 4, 5]
 
 
-@needs_native_bf16
-def test_an_earlier_token_never_reads_a_later_value(make_attention_case):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_earlier_token_never_reads_a_later_value(make_attention_case, dtype):
     """Rows of one block of the chunk kernel see different numbers of keys. A later position's V of inf
     must not reach an earlier token (0 * inf is NaN; torch's fused attention, the reference, does let it
     in): those tokens stay finite and equal what they are with a finite V there."""
-    case = make_attention_case([(40, 40), (70, 30)], num_kv_heads=1, ratio=3, head_dim=64, dtype=torch.bfloat16, seed=12)
+    if not chunk_kernel_here(dtype):
+        pytest.skip(f"no C chunk kernel for {dtype} on this CPU")
+    case = make_attention_case([(40, 40), (70, 30)], num_kv_heads=1, ratio=3, head_dim=64, dtype=dtype, seed=12)
     expected = _attention_reference(case.q, case.pool, case.batch, case.num_kv_heads)
     kv_size = 64
     for i, c in enumerate(case.batch.context_lens_list):
@@ -260,4 +268,4 @@ def test_an_earlier_token_never_reads_a_later_value(make_attention_case):
     out = cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)
     earlier = torch.cat([torch.arange(0, 39), torch.arange(40, 69)])  # all but each sequence's last token
     assert torch.isfinite(out[earlier]).all()
-    torch.testing.assert_close(out[earlier], expected[earlier], **TOLERANCE[torch.bfloat16])
+    torch.testing.assert_close(out[earlier], expected[earlier], **TOLERANCE[dtype])
