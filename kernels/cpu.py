@@ -267,9 +267,11 @@ def expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch, group) -
 
 # ---------------------------------------------------------------- attention
 
-# Sequences with at least this many new tokens (prefill chunks) are computed with matmuls on their
-# K and V gathered from the pages (torch's fused CPU attention, in the model dtype: bfloat16 runs on
-# AMX); the others (decode rows, the shortest chunks) by the C kernel, which reads K and V in place.
+# Sequences with at least this many new tokens (prefill chunks) are computed as matrix products: by
+# the C chunk kernel (cpu_attention.c chunk_attention_*: keys packed once per block of 32 new tokens,
+# scores and P.V blocked in registers, K and V read from the pages) where chunk_kernel() finds one,
+# else by torch's fused CPU attention on K and V gathered from the pages. The others (decode rows,
+# the shortest chunks) go to the C decode kernel, which reads K and V in place one token at a time.
 # The crossover was measured with SmolLM2-135M's heads (kernels/README.md).
 MATMUL_MIN_TOKENS = 8
 
@@ -336,9 +338,15 @@ def _attention_plan(num_tokens: int, pool: torch.Tensor, batch) -> AttentionPlan
 
 
 def chunk_kernel(lib: ctypes.CDLL | None, q: torch.Tensor):
-    """The C function for chunks of q's dtype, or None where chunks go to torch's fused attention: float32
-    on a CPU with AVX-512, bfloat16 on one with native bfloat16 dot products too (heads of an even size)."""
-    if lib is None or q.dtype not in (torch.float32, torch.bfloat16) or (q.dtype == torch.bfloat16 and q.shape[2] % 2):
+    """The C function for chunks of q's dtype, or None where chunks go to torch's fused attention.
+
+    float32 on a CPU with AVX-512; bfloat16 on one with native bfloat16 dot products (AVX512-BF16) and
+    no AMX, for heads of an even size. With AMX, torch's flash kernel multiplies on the tiles (about 190
+    GFLOP/s on 128-token prompts on the Xeon of kernels/README.md), while the C kernel's dot products
+    were measured only on an AMD EPYC without AMX: bfloat16 chunks stay with torch there until measured."""
+    if lib is None or q.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if q.dtype == torch.bfloat16 and (q.shape[2] % 2 or amx_bf16(lib)):
         return None
     return getattr(lib, f"chunk_attention_{SUFFIX[q.dtype]}", None)
 

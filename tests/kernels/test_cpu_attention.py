@@ -1,6 +1,7 @@
-"""The CPU paged attention equals the torch reference on both of its paths: the C kernel
-(kernels/cpu_attention.c: decode rows, short chunks) and matmuls over gathered K and V (chunks of
-cpu.MATMUL_MIN_TOKENS new tokens or more)."""
+"""The CPU paged attention equals the torch reference on both of its paths: the C decode kernel
+(kernels/cpu_attention.c paged_attention_*: decode rows, short chunks) and matrix products for chunks
+of cpu.MATMUL_MIN_TOKENS new tokens or more (the C chunk kernel, chunk_attention_*, in float32 and
+bfloat16 on CPUs with AVX-512; torch's fused attention on gathered K and V otherwise)."""
 from __future__ import annotations
 
 import platform
@@ -222,6 +223,13 @@ def test_the_library_built_without_avx512_matches_the_reference(make_attention_c
         case = make_attention_case([(17, 1), (150, 40), (16, 1), (1, 1), (33, 33)], num_kv_heads=2, ratio=3,
                                    head_dim=head_dim, dtype=dtype, seed=head_dim)
         assert_matches_reference(case)
+
+
+@pytest.fixture(autouse=True)
+def chunk_kernel_even_with_amx(monkeypatch):
+    """On a CPU with AMX, bfloat16 chunks are served by torch's fused attention (cpu.chunk_kernel); the
+    tests hold the C chunk kernel, which such a CPU runs too, to the reference all the same."""
+    monkeypatch.setattr(cpu, "amx_bf16", lambda lib=None: False)
 
 
 def chunk_kernel_here(dtype: torch.dtype) -> bool:
