@@ -278,7 +278,8 @@ class MetricsSampler:
     GAUGES = {"lorafleet_queue_length": "queue", "lorafleet_running_batch_size": "batch", "lorafleet_step_adapters": "step_adapters"}
 
     def __init__(self, port: int | None):
-        self.url = f"http://127.0.0.1:{port}/metrics" if port else None
+        names = [*self.GAUGES, "lorafleet_pool_pages", "lorafleet_adapters_resident"]  # not every adapter's series
+        self.url = f"http://127.0.0.1:{port}/metrics?" + "&".join(f"name[]={n}" for n in names) if port else None
         self.samples: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

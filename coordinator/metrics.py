@@ -8,11 +8,13 @@ the GIL that the replicas' steps need; a scrape every second cost the serving be
 adapters 13-16% of its tokens). `AdapterFamily` renders a label set's lines when its values change
 and keeps the text, so a scrape formats only what changed since the last one and joins the rest.
 The few per-replica gauges stay in prometheus_client's registry. The endpoint serves the text format
-0.0.4, both parts in one response.
+0.0.4, both parts in one response; `/metrics?name[]=NAME&name[]=...` restricts it to those samples'
+families (prometheus_client's filter), so a poller of a few gauges does not fetch every adapter's.
 """
 from __future__ import annotations
 
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
@@ -54,6 +56,7 @@ class AdapterFamily:
         self.buckets = (*buckets, float("inf")) if kind == "histogram" else ()
         self._bounds = [_number(b) for b in self.buckets]
         family = name + "_total" if kind == "counter" else name
+        self.sample_names = {family} if kind == "counter" else {name + "_bucket", name + "_count", name + "_sum"}
         self.header = f"# HELP {family} {help_text}\n# TYPE {family} {kind}\n"
         self.values: dict[tuple[str, ...], list[float]] = {}  # counter: [v]; histogram: per-bucket counts, sum, count
         self._text: dict[tuple[str, ...], str] = {}
@@ -131,11 +134,13 @@ class Metrics:
         self.resident = Gauge("lorafleet_adapters_resident", "Adapters resident per tier", ["tier"], registry=r)
         self._http: ThreadingHTTPServer | None = None
 
-    def render(self) -> bytes:
-        """The whole exposition, text format 0.0.4."""
+    def render(self, names: set[str] | None = None) -> bytes:
+        """The exposition, text format 0.0.4: every family, or those with a sample name in `names` (as
+        prometheus_client's `name[]` filter: a histogram by its _bucket, _count or _sum, a counter by _total)."""
         with self._lock:
-            adapters = "".join(family.render() for family in self.families)
-        return generate_latest(self.registry) + adapters.encode()
+            adapters = "".join(family.render() for family in self.families if names is None or family.sample_names & names)
+        registry = self.registry if names is None else self.registry.restricted_registry(sorted(names))
+        return generate_latest(registry) + adapters.encode()
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint; returns the bound port (port 0 picks one)."""
@@ -143,10 +148,12 @@ class Metrics:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
-                if self.path.split("?")[0] not in ("/", "/metrics"):
+                url = urllib.parse.urlsplit(self.path)
+                if url.path not in ("/", "/metrics"):
                     self.send_error(404, "only /metrics is served here")
                     return
-                body = metrics.render()
+                names = urllib.parse.parse_qs(url.query).get("name[]")
+                body = metrics.render(set(names) if names else None)
                 self.send_response(200)
                 self.send_header("Content-Type", CONTENT_TYPE)
                 self.send_header("Content-Length", str(len(body)))

@@ -138,3 +138,25 @@ def test_the_endpoint_serves_the_exposition():
         assert missing.value.code == 404
     finally:
         ours.close()
+
+
+def test_the_name_filter_restricts_the_exposition_to_those_families():
+    """prometheus_client's `name[]` filter: a poller of the per-replica gauges gets none of the adapters' series;
+    a histogram is asked for by a sample name (_count), a counter by its _total."""
+    ours = Metrics()
+    ours.observe_finished("grpc", "pirate", "OK", 0.0, 0.1, 0.5, 3)
+    ours.queue.labels("0").set(7)
+    only_gauge = samples(ours.render({"lorafleet_queue_length"}).decode())
+    assert only_gauge == {("lorafleet_queue_length", (("replica", "0"),)): 7}
+    picked = samples(ours.render({"lorafleet_time_to_first_token_seconds_count", "lorafleet_requests_total"}).decode())
+    assert {name for name, _ in picked} == {"lorafleet_requests_total", "lorafleet_time_to_first_token_seconds_bucket",
+                                            "lorafleet_time_to_first_token_seconds_count", "lorafleet_time_to_first_token_seconds_sum"}
+    port = ours.serve("127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics?name[]=lorafleet_queue_length&name[]=lorafleet_generated_tokens_total"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            got = samples(response.read().decode())
+        assert set(got) == {("lorafleet_queue_length", (("replica", "0"),)),
+                            ("lorafleet_generated_tokens_total", (("adapter", "pirate"), ("frontend", "grpc")))}
+    finally:
+        ours.close()
