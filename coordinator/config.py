@@ -52,5 +52,5 @@ class EngineConfig:
         return WorkerConfig(
             model_dir=self.model_dir, dtype=self.dtype, device=self.device, pool_bytes=self.pool_bytes,
             pool_fraction=self.pool_fraction, max_lora_rank=self.max_lora_rank,
-            placement_strategy=self.placement_strategy,
+            placement_strategy=self.placement_strategy, warm_rows=self.max_num_seqs,
         )

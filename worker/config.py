@@ -203,6 +203,7 @@ class WorkerConfig:
     # row_parallel_output when None); bench/ablations.py injects the unfused one to measure it
     row_output: Callable | None = None
     placement_strategy: str = "PACK"  # of a replica's Ray placement group (RayWorkerGroup)
+    warm_rows: int = 0  # the base matmuls are prepared at load for steps of 1 .. warm_rows tokens (decode sizes)
 
     def __post_init__(self):
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
@@ -214,6 +215,8 @@ class WorkerConfig:
             raise ValueError("pool_fraction must be in (0, 1]")
         if self.max_lora_rank < 1:
             raise ValueError("max_lora_rank must be at least 1")
+        if self.warm_rows < 0:
+            raise ValueError("warm_rows must be >= 0")
 
     @property
     def torch_dtype(self) -> torch.dtype:

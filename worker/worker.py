@@ -32,6 +32,7 @@ class Worker:
         check_divisible(self.model_cfg, shard.size)
         self.device = torch.device(cfg.device)
         self.model = load_model(cfg.model_dir, self.model_cfg, cfg.torch_dtype, self.device, shard, self.comm, cfg.row_output)
+        self.model.warm_up(cfg.warm_rows)
         self.page_dim = 2 * self.model_cfg.kv_size // shard.size
         self.pool = PagePool(self.model_cfg.num_layers, self._num_pages(), self.page_dim, cfg.torch_dtype, self.device)
         self.adapters = AdapterStore(self.model_cfg, shard, self.page_dim, cfg.torch_dtype, cfg.max_lora_rank)

@@ -39,3 +39,34 @@ def test_the_c_ops_give_the_torch_logits(tiny_models, tiny_adapters, monkeypatch
     assert len(fused) == len(reference)
     for got, want in zip(fused, reference):
         torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_decode_sizes_of_the_base_matmuls_are_prepared_at_load(tiny_models, monkeypatch, dtype):
+    """An engine's workers multiply zeros through each distinct packed base weight (q|k|v, o, gate|up, down,
+    the head) once for every row count 1 .. --max-num-seqs at load, so oneDNN builds those matmuls before
+    the first decode steps instead of during them; nothing else is multiplied, and the tokens are unchanged."""
+    from lorafleet.kernels import ops
+    from lorafleet.worker import model as model_module
+
+    calls = []
+    real = model_module.linear
+
+    def recording(x, w, bias=None):
+        calls.append((x.shape[0], tuple(w.shape), bool(x.count_nonzero() == 0)))
+        return real(x, w, bias)
+
+    monkeypatch.setattr(model_module, "linear", recording)
+    engine = make_engine(tiny_models["llama_gqa"], None, dtype=dtype, max_num_seqs=5)
+    worker_model = engine.executor.worker.model
+    layer = worker_model.layers[0]
+    shapes = {tuple(w.shape) for w in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down, worker_model.lm_head)}
+    assert all(w.layout == torch._mkldnn for w in (layer.w_qkv, worker_model.lm_head)) == ops.packs(torch.zeros(1, dtype=getattr(torch, dtype)))
+    if ops.packs(torch.zeros(1, dtype=getattr(torch, dtype))):
+        assert sorted(calls) == sorted((m, shape, True) for shape in shapes for m in range(1, 6))
+    else:
+        assert calls == []
+    assert engine.cfg.worker_config().warm_rows == 5
+    calls.clear()
+    monkeypatch.setattr(model_module, "linear", real)
+    assert generate(engine, [(None, [5, 6, 7], 3)]) == generate(make_engine(tiny_models["llama_gqa"], None, dtype=dtype), [(None, [5, 6, 7], 3)])
