@@ -143,13 +143,17 @@ static inline const float *row_f16(const f16 *src, float *buf, int64_t n) {
     return buf;
 }
 
-#define DEFINE_ATTENTION(T, SUFFIX)                                                                             \
-int64_t paged_attention_##SUFFIX(                                                                               \
+/* The parameters of every attention entry point (paged_attention_*, chunk_attention_*): kernels/cpu.py
+ * calls them alike. */
+#define ATTENTION_PARAMS(T)                                                                                     \
     const T *q, int64_t q_stride_t, T *out, int64_t out_stride_t,                                               \
     const T *pool, int64_t row_dim, int64_t num_pages,                                                          \
     const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,                                 \
     const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,             \
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)                    \
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads
+
+#define DEFINE_ATTENTION(T, SUFFIX)                                                                             \
+int64_t paged_attention_##SUFFIX(ATTENTION_PARAMS(T))                                                         \
 {                                                                                                               \
     const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim;                          \
     int64_t outside = 0;                                                                                        \
@@ -309,12 +313,7 @@ static void pv_heads_bf16(const float *w, int64_t c, int64_t last, const int64_t
     pv_bf16(w, c, last, pages, row_dim, v0, head_dim, heads, d16, out);
 }
 
-int64_t paged_attention_bf16(
-    const bf16 *q, int64_t q_stride_t, bf16 *out, int64_t out_stride_t,
-    const bf16 *pool, int64_t row_dim, int64_t num_pages,
-    const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,
-    const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)
+int64_t paged_attention_bf16(ATTENTION_PARAMS(bf16))
 {
     if (head_dim > 256)
         return paged_attention_bf16_generic(q, q_stride_t, out, out_stride_t, pool, row_dim, num_pages,
@@ -577,12 +576,7 @@ static inline __attribute__((always_inline)) int64_t chunk_attention(
 }
 
 #define DEFINE_CHUNK_ATTENTION(T, SUFFIX, BF16_PAIRS)                                                          \
-int64_t chunk_attention_##SUFFIX(                                                                               \
-    const T *q, int64_t q_stride_t, T *out, int64_t out_stride_t,                                               \
-    const T *pool, int64_t row_dim, int64_t num_pages,                                                          \
-    const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,                                 \
-    const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,             \
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads)                    \
+int64_t chunk_attention_##SUFFIX(ATTENTION_PARAMS(T))                                                         \
 {                                                                                                               \
     return chunk_attention((const char *)q, q_stride_t, (char *)out, out_stride_t, (const char *)pool, row_dim, \
                            num_pages, page_table, table_stride, table_rows, query_start, context_lens, seqs,    \
