@@ -51,6 +51,8 @@ static inline float exp_nonpositive(float x) {
 #if defined(__AVX512F__)
 /* the low n (0..16) lanes of a 16-lane mask */
 static inline __mmask16 lanes16(int64_t n) { return n >= 16 ? (__mmask16)0xffffu : (__mmask16)((1u << n) - 1u); }
+/* the low n (0..32) lanes of a 32-lane mask */
+static inline __mmask32 lanes_mask32(int64_t n) { return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1u); }
 
 /* exp_nonpositive on 16 lanes, the same steps in AVX-512 (gcc does not vectorise the scalar one here) */
 static inline __m512 exp_nonpositive16(__m512 x) {
@@ -212,21 +214,27 @@ int64_t paged_attention_##SUFFIX(ATTENTION_PARAMS(T))                           
     return outside;                                                                                             \
 }
 
-DEFINE_ATTENTION(float, f32)
 DEFINE_ATTENTION(f16, f16)
 
+#if defined(__AVX512F__)
+/* the generic loops, for heads wider than the AVX-512 kernel's (float32: 128, bfloat16: 256) */
+#define row_f32_generic row_f32
+#define store_f32_generic store_f32
+DEFINE_ATTENTION(float, f32_generic)
 #if LORAFLEET_NATIVE_BF16
-/* the generic loop, for heads wider than the native kernel's 256 */
 #define row_bf16_generic row_bf16
 #define store_bf16_generic store_bf16
 DEFINE_ATTENTION(bf16, bf16_generic)
+#endif
 
-/* bfloat16 with native dot products (AVX512-BF16). The scores q.k are where the generic loop
- * spends its time: one horizontal sum of 16 lanes per (position, head). Here the query (bf16,
- * unscaled, read in place) meets 16 keys at a time: each key's q.k is a vector of 16 partial
- * sums from vdpbf16ps (exact bf16 products, float32 sums), and one transpose-and-add tree
- * turns the 16 vectors into the 16 scores, about three instructions per score instead of ten.
- * The scale is applied to the float32 scores; softmax and P.V are as in the generic loop. */
+/* float32, and bfloat16 with native dot products (AVX512-BF16), in AVX-512. The scores q.k are
+ * where the generic loop spends its time: one horizontal sum of 16 lanes per (position, head).
+ * Here the query (unscaled, read in place) meets 16 keys at a time: each key's q.k is a vector of
+ * 16 partial sums (bf16: vdpbf16ps, exact products and float32 sums; float32: FMAs), and one
+ * transpose-and-add tree turns the 16 vectors into the 16 scores, about three instructions per
+ * score instead of ten. The scale is applied to the float32 scores; softmax as in the generic loop,
+ * and P.V with each V row loaded (and widened) once for all the query heads of its kv head.
+ * A "chunk" is 64 bytes of a head: 32 bf16 or 16 float32 values. */
 
 /* lane j of the result = the sum of v[j]'s 16 lanes */
 static inline __m512 sum16(const __m512 v[16]) {
@@ -243,16 +251,33 @@ static inline __m512 sum16(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* w_g[j] = scale * q_g . K_j for the m <= 16 keys of one block (key j at k0 + pages[j] * row_dim) and each
- * of `heads` query heads g (q_g in qv[g * chunks ..], w_g = w + g * c). With chunks (32-wide pieces of a
- * head) a constant, the 16 sums and the loops unroll into registers; a generic loop kept them in memory,
- * a load and a store around every vdpbf16ps, and ran the scores at about a third of this speed. Keys
- * past m read key 0 again (inside the pool) and are never stored. */
-static inline __attribute__((always_inline)) void qk_block_bf16(const __m512bh *qv, int64_t heads, const int64_t chunks,
-                                                               const __mmask32 *masks, const bf16 *k0, const int64_t *pages,
-                                                               int64_t row_dim, int64_t m, __m512 sc, float *w, int64_t c) {
-    const bf16 *keys[16];
-    for (int j = 0; j < 16; j++) keys[j] = k0 + pages[j < m ? j : 0] * row_dim;
+/* chunk ch of a head at p (masked lanes zero): 32 bf16 or 16 float32 values, as 64 bytes */
+static inline __attribute__((always_inline)) __m512i load_chunk(const char *p, int64_t ch, __mmask32 mask, const int bf16) {
+#if LORAFLEET_NATIVE_BF16
+    if (bf16) return _mm512_maskz_loadu_epi16(mask, p + ch * 64);
+#endif
+    return _mm512_maskz_loadu_epi32((__mmask16)mask, p + ch * 64);
+}
+
+/* acc + the products of chunk q and chunk k, lane by lane (bf16: pairs of products) */
+static inline __attribute__((always_inline)) __m512 dot_chunk(__m512 acc, __m512i q, __m512i k, const int bf16) {
+#if LORAFLEET_NATIVE_BF16
+    if (bf16) return _mm512_dpbf16_ps(acc, (__m512bh)q, (__m512bh)k);
+#endif
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(q), _mm512_castsi512_ps(k), acc);
+}
+
+/* w_g[j] = scale * q_g . K_j for the m <= 16 keys of one block (key j at k0 + pages[j] * row_bytes) and each
+ * of `heads` query heads g (q_g in qv[g * chunks ..], w_g = w + g * c). With chunks a constant, the 16 sums
+ * and the loops unroll into registers; a generic loop kept them in memory, a load and a store around every
+ * product, and ran the scores at about a third of this speed. Keys past m read key 0 again (inside the
+ * pool) and are never stored. */
+static inline __attribute__((always_inline)) void qk_block(const __m512i *qv, int64_t heads, const int64_t chunks,
+                                                          const __mmask32 *masks, const char *k0, const int64_t *pages,
+                                                          int64_t row_bytes, int64_t m, __m512 sc, float *w, int64_t c,
+                                                          const int bf16) {
+    const char *keys[16];
+    for (int j = 0; j < 16; j++) keys[j] = k0 + pages[j < m ? j : 0] * row_bytes;
     for (int64_t g = 0; g < heads; g++) {
         __m512 dots[16];
 #pragma GCC unroll 16
@@ -260,18 +285,19 @@ static inline __attribute__((always_inline)) void qk_block_bf16(const __m512bh *
             dots[j] = _mm512_setzero_ps();
 #pragma GCC unroll 8
             for (int64_t ch = 0; ch < chunks; ch++)
-                dots[j] = _mm512_dpbf16_ps(dots[j], qv[g * chunks + ch],
-                                           (__m512bh)_mm512_maskz_loadu_epi16(masks[ch], keys[j] + ch * 32));
+                dots[j] = dot_chunk(dots[j], qv[g * chunks + ch], load_chunk(keys[j], ch, masks[ch], bf16), bf16);
         }
         _mm512_mask_storeu_ps(w + g * c, (__mmask16)((1u << m) - 1u), _mm512_mul_ps(sum16(dots), sc));
     }
 }
 
-/* qk_block_bf16 with the constant of each head size up to 256 */
-static void qk_heads_bf16(const __m512bh *qv, int64_t heads, int64_t chunks, const __mmask32 *masks, const bf16 *k0,
-                          const int64_t *pages, int64_t row_dim, int64_t m, __m512 sc, float *w, int64_t c) {
+/* qk_block with the constant of each head size up to 8 chunks */
+static inline __attribute__((always_inline)) void qk_heads(const __m512i *qv, int64_t heads, int64_t chunks,
+                                                          const __mmask32 *masks, const char *k0, const int64_t *pages,
+                                                          int64_t row_bytes, int64_t m, __m512 sc, float *w, int64_t c,
+                                                          const int bf16) {
     switch (chunks) {
-#define QK_CASE(C) case C: qk_block_bf16(qv, heads, C, masks, k0, pages, row_dim, m, sc, w, c); return;
+#define QK_CASE(C) case C: qk_block(qv, heads, C, masks, k0, pages, row_bytes, m, sc, w, c, bf16); return;
     QK_CASE(1) QK_CASE(2) QK_CASE(3) QK_CASE(4) QK_CASE(5) QK_CASE(6) QK_CASE(7) QK_CASE(8)
 #undef QK_CASE
     }
@@ -279,19 +305,26 @@ static void qk_heads_bf16(const __m512bh *qv, int64_t heads, int64_t chunks, con
 
 /* out_g = sum_p w_g[p] V_p for `heads` query heads g that share a kv head (w_g = w + g * c,
  * out_g = out + g * head_dim), 16 dims per register, heads * d16 <= 16 accumulators. Each V row
- * is loaded and widened once for all the heads; with heads and d16 constants (4: head_dim 64,
- * 8: 128) the accumulators stay in registers. V_p = v0 + pages[p] * row_dim. */
-static inline __attribute__((always_inline)) void pv_bf16(const float *w, int64_t c, int64_t last, const int64_t *pages,
-                                                         int64_t row_dim, const bf16 *v0, int64_t head_dim,
-                                                         const int64_t heads, const int64_t d16, bf16 *out) {
+ * is loaded (and widened) once for all the heads; with heads and d16 constants (4: head_dim 64,
+ * 8: 128) the accumulators stay in registers. V_p = v0 + pages[p] * row_bytes. */
+static inline __attribute__((always_inline)) void pv_block(const float *w, int64_t c, int64_t last, const int64_t *pages,
+                                                          int64_t row_bytes, const char *v0, int64_t head_dim,
+                                                          const int64_t heads, const int64_t d16, char *out, const int bf16) {
+    const int64_t esize = bf16 ? 2 : 4;
     __m512 acc[16], v[16];
     for (int64_t e = 0; e < heads * d16; e++) acc[e] = _mm512_setzero_ps();
     for (int64_t p = 0; p <= last; p++) {
-        if (p + AHEAD <= last) prefetch_row(v0 + pages[p + AHEAD] * row_dim, head_dim * (int64_t)sizeof(bf16));
-        const bf16 *value = v0 + pages[p] * row_dim;
+        if (p + AHEAD <= last) prefetch_row(v0 + pages[p + AHEAD] * row_bytes, head_dim * esize);
+        const char *value = v0 + pages[p] * row_bytes;
         for (int64_t ch = 0; ch < d16; ch++) {
-            const __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)lanes_mask(head_dim - ch * 16), value + ch * 16);
-            v[ch] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            const __mmask16 m = lanes16(head_dim - ch * 16);
+#if LORAFLEET_NATIVE_BF16
+            if (bf16) {
+                v[ch] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, value + ch * 32)), 16));
+                continue;
+            }
+#endif
+            v[ch] = _mm512_maskz_loadu_ps(m, value + ch * 64);
         }
         for (int64_t g = 0; g < heads; g++) {
             const __m512 wp = _mm512_set1_ps(w[g * c + p]);
@@ -299,30 +332,42 @@ static inline __attribute__((always_inline)) void pv_bf16(const float *w, int64_
         }
     }
     for (int64_t g = 0; g < heads; g++)
-        for (int64_t ch = 0; ch < d16; ch++)
-            _mm256_mask_storeu_epi16(out + g * head_dim + ch * 16, (__mmask16)lanes_mask(head_dim - ch * 16),
-                                     (__m256i)_mm512_cvtneps_pbh(acc[g * d16 + ch]));
+        for (int64_t ch = 0; ch < d16; ch++) {
+            const __mmask16 m = lanes16(head_dim - ch * 16);
+            char *o = out + (g * head_dim + ch * 16) * esize;
+#if LORAFLEET_NATIVE_BF16
+            if (bf16) {
+                _mm256_mask_storeu_epi16(o, m, (__m256i)_mm512_cvtneps_pbh(acc[g * d16 + ch]));
+                continue;
+            }
+#endif
+            _mm512_mask_storeu_ps(o, m, acc[g * d16 + ch]);
+        }
 }
 
-/* pv_bf16 for `heads` <= 16 / d16 query heads, with the constants of the common shapes */
-static void pv_heads_bf16(const float *w, int64_t c, int64_t last, const int64_t *pages, int64_t row_dim,
-                          const bf16 *v0, int64_t head_dim, int64_t heads, int64_t d16, bf16 *out) {
-#define PV_CASE(H, D) if (heads == H && d16 == D) { pv_bf16(w, c, last, pages, row_dim, v0, head_dim, H, D, out); return; }
+/* pv_block for `heads` <= 16 / d16 query heads, with the constants of the common shapes */
+static inline __attribute__((always_inline)) void pv_heads(const float *w, int64_t c, int64_t last, const int64_t *pages,
+                                                          int64_t row_bytes, const char *v0, int64_t head_dim, int64_t heads,
+                                                          int64_t d16, char *out, const int bf16) {
+#define PV_CASE(H, D) if (heads == H && d16 == D) { pv_block(w, c, last, pages, row_bytes, v0, head_dim, H, D, out, bf16); return; }
     PV_CASE(1, 4) PV_CASE(2, 4) PV_CASE(3, 4) PV_CASE(4, 4) PV_CASE(1, 8) PV_CASE(2, 8)
 #undef PV_CASE
-    pv_bf16(w, c, last, pages, row_dim, v0, head_dim, heads, d16, out);
+    pv_block(w, c, last, pages, row_bytes, v0, head_dim, heads, d16, out, bf16);
 }
 
-int64_t paged_attention_bf16(ATTENTION_PARAMS(bf16))
+/* The decode kernel in AVX-512, element size by `bf16` (heads of at most 8 chunks: the callers check). */
+static inline __attribute__((always_inline)) int64_t decode_attention(
+    const char *q, int64_t q_stride_t, char *out, int64_t out_stride_t, const char *pool, int64_t row_dim,
+    int64_t num_pages, const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,
+    const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads, const int bf16)
 {
-    if (head_dim > 256)
-        return paged_attention_bf16_generic(q, q_stride_t, out, out_stride_t, pool, row_dim, num_pages,
-                                            page_table, table_stride, table_rows, query_start, context_lens,
-                                            seqs, num_seqs, num_heads, num_kv_heads, head_dim, scale, threads);
+    const int64_t esize = bf16 ? 2 : 4, per_chunk = 64 / esize, row_bytes = row_dim * esize;
     const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim;
-    const int64_t chunks = (head_dim + 31) / 32;
-    __mmask32 masks[8]; /* the lanes of each 32-wide piece of a head */
-    for (int64_t ch = 0; ch < chunks; ch++) masks[ch] = lanes_mask(head_dim - ch * 32);
+    const int64_t chunks = (head_dim + per_chunk - 1) / per_chunk;
+    __mmask32 masks[8]; /* the lanes of each chunk of a head */
+    for (int64_t ch = 0; ch < chunks; ch++)
+        masks[ch] = bf16 ? lanes_mask32(head_dim - ch * per_chunk) : (__mmask32)lanes16(head_dim - ch * per_chunk);
     int64_t outside = 0;
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_seqs > 1)")
     for (int64_t s = 0; s < num_seqs; s++) {
@@ -338,23 +383,25 @@ int64_t paged_attention_bf16(ATTENTION_PARAMS(bf16))
         for (int64_t k = 0; k < n; k++) {
             const int64_t t = first + k, last = c - n + k; /* sees positions 0 .. last */
             for (int64_t hk = 0; hk < num_kv_heads; hk++) {
-                __m512bh qv[ratio * chunks]; /* the query heads of this kv head, read in place */
+                __m512i qv[ratio * chunks]; /* the query heads of this kv head, read in place */
                 for (int64_t g = 0; g < ratio; g++)
                     for (int64_t ch = 0; ch < chunks; ch++)
-                        qv[g * chunks + ch] = (__m512bh)_mm512_maskz_loadu_epi16(masks[ch],
-                            q + t * q_stride_t + (hk * ratio + g) * head_dim + ch * 32);
+                        qv[g * chunks + ch] = load_chunk(q + (t * q_stride_t + (hk * ratio + g) * head_dim) * esize, ch,
+                                                         masks[ch], bf16);
                 const __m512 sc = _mm512_set1_ps(scale);
+                const char *k0 = pool + hk * head_dim * esize;
                 for (int64_t p0 = 0; p0 <= last; p0 += 16) { /* 16 keys, read once for every query head */
                     const int64_t m = last + 1 - p0 < 16 ? last + 1 - p0 : 16;
                     for (int64_t p = p0 + 16; p < p0 + 32 && p <= last; p++)
-                        prefetch_row(pool + pages[p] * row_dim + hk * head_dim, head_dim * (int64_t)sizeof(bf16));
-                    qk_heads_bf16(qv, ratio, chunks, masks, pool + hk * head_dim, pages + p0, row_dim, m, sc, w + p0, c);
+                        prefetch_row(k0 + pages[p] * row_bytes, head_dim * esize);
+                    qk_heads(qv, ratio, chunks, masks, k0, pages + p0, row_bytes, m, sc, w + p0, c, bf16);
                 }
                 for (int64_t g = 0; g < ratio; g++) softmax(w + g * c, last + 1);
                 const int64_t d16 = (head_dim + 15) / 16, group = 16 / d16;
                 for (int64_t g = 0; g < ratio; g += group) /* P.V, up to `group` heads per pass over V */
-                    pv_heads_bf16(w + g * c, c, last, pages, row_dim, pool + kv_size + hk * head_dim, head_dim,
-                                  ratio - g < group ? ratio - g : group, d16, out + t * out_stride_t + (hk * ratio + g) * head_dim);
+                    pv_heads(w + g * c, c, last, pages, row_bytes, pool + (kv_size + hk * head_dim) * esize, head_dim,
+                             ratio - g < group ? ratio - g : group, d16,
+                             out + (t * out_stride_t + (hk * ratio + g) * head_dim) * esize, bf16);
             }
         }
         free(w);
@@ -362,7 +409,27 @@ int64_t paged_attention_bf16(ATTENTION_PARAMS(bf16))
     return outside;
 }
 
+#define DEFINE_DECODE_ATTENTION(T, SUFFIX, BF16, MAX_HEAD)                                                      \
+int64_t paged_attention_##SUFFIX(ATTENTION_PARAMS(T))                                                         \
+{                                                                                                               \
+    if (head_dim > MAX_HEAD)                                                                                    \
+        return paged_attention_##SUFFIX##_generic(q, q_stride_t, out, out_stride_t, pool, row_dim, num_pages,   \
+                                                  page_table, table_stride, table_rows, query_start,             \
+                                                  context_lens, seqs, num_seqs, num_heads, num_kv_heads,         \
+                                                  head_dim, scale, threads);                                     \
+    return decode_attention((const char *)q, q_stride_t, (char *)out, out_stride_t, (const char *)pool, row_dim,\
+                            num_pages, page_table, table_stride, table_rows, query_start, context_lens, seqs,   \
+                            num_seqs, num_heads, num_kv_heads, head_dim, scale, threads, BF16);                 \
+}
+
+DEFINE_DECODE_ATTENTION(float, f32, 0, 128)
+#if LORAFLEET_NATIVE_BF16
+DEFINE_DECODE_ATTENTION(bf16, bf16, 1, 256)
 #else
+DEFINE_ATTENTION(bf16, bf16)
+#endif
+#else
+DEFINE_ATTENTION(float, f32)
 DEFINE_ATTENTION(bf16, bf16)
 #endif
 

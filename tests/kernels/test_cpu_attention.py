@@ -190,11 +190,12 @@ def test_bfloat16_softmax_survives_large_scores(make_attention_case, bf16_librar
     assert torch.isfinite(cpu.paged_attention(case.q, case.pool, case.batch, case.num_kv_heads)).all()
 
 
-@pytest.mark.parametrize("head_dim", [8, 24, 40, 72])
+@pytest.mark.parametrize("head_dim", [8, 24, 40, 72, 136, 264])
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 def test_head_sizes_with_tails_through_the_c_kernel(make_attention_case, monkeypatch, dtype, head_dim):
     """Head sizes that are not a multiple of the 16 (or 8) values the kernel converts at once, in every
-    dtype, every sequence (chunks too) through the C kernel; contexts of 1 to 150 keys."""
+    dtype, every sequence (chunks too) through the C kernel; contexts of 1 to 150 keys. 136 and 264 pass
+    the AVX-512 kernel's widest float32 head (128), and 264 its widest bfloat16 one (256): the generic loop."""
     monkeypatch.setattr(cpu, "MATMUL_MIN_TOKENS", 1 << 40)
     steps = [(17, 1), (150, 40), (16, 1), (1, 1), (33, 33)]
     case = make_attention_case(steps, num_kv_heads=2, ratio=3, head_dim=head_dim, dtype=dtype, seed=head_dim)
