@@ -292,7 +292,7 @@ class AttentionPlan:
 
     kernel_seqs: (S_k,) int64, the sequences the C kernel computes, in step order.
     chunks: the other sequences (MATMUL_MIN_TOKENS new tokens or more).
-    chunk_seqs: (S_c,) int64, the chunks' sequence indices, for chunk_attention_bf16.
+    chunk_seqs: (S_c,) int64, the chunks' sequence indices, for the C chunk kernel (chunk_attention_*).
     num_pages: the pool size the chunks' pages were checked against.
     masks: (n, c, dtype) -> the additive causal mask of a chunk after c - n cached keys, built on first use.
     """
@@ -354,9 +354,10 @@ def chunk_kernel(lib: ctypes.CDLL | None, q: torch.Tensor):
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, batch, num_kv_heads: int) -> torch.Tensor:
     """As kernels.attention.paged_attention, for CPU tensors (head counts checked there).
 
-    Decode rows and the shortest chunks go to the C kernel, which checks each sequence's pages against
-    the pool before it reads K or V; longer chunks to _chunk_attention. The plan that splits them is
-    built and checked once per step (kept on the batch) and shared by every layer."""
+    Decode rows and the shortest chunks go to the C decode kernel, longer chunks to the C chunk kernel
+    (chunk_kernel) or, where there is none, to _chunk_attention; both C kernels check each sequence's
+    pages against the pool before they read K or V. The plan that splits them is built and checked
+    once per step (kept on the batch) and shared by every layer."""
     num_tokens, num_heads, head_dim = q.shape
     if 2 * num_kv_heads * head_dim > pool.shape[1] or not pool.is_contiguous():
         raise ValueError(f"paged_attention: pool {tuple(pool.shape)} must be contiguous with rows of >= {2 * num_kv_heads * head_dim}")

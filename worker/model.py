@@ -128,11 +128,11 @@ class LlamaModel:
         """Multiplies zeros through each distinct base weight once for every row count 1 .. rows (a decode
         step's tokens, up to --max-num-seqs; the head's rows are the sampled sequences, as many). On the
         CPU, oneDNN builds a matmul for each new row count and weight shape on its first use, 0.3-0.8 ms
-        each (measured on an AMD EPYC, bfloat16): a decode step of a new size paid about 2 ms more, and a
-        server's first minute of traffic went through every size once. Prefill sizes are left to first use."""
+        each (measured on an AMD EPYC, bfloat16), and keeps it: without this, each decode step of a size
+        not seen since the start paid about 2 ms more. Prefill sizes are left to their first use."""
         weights = {}
         for w in (self.layers[0].w_qkv, self.layers[0].w_o, self.layers[0].w_gate_up, self.layers[0].w_down, self.lm_head):
-            if w.layout == torch._mkldnn:  # a packed weight; F.linear on plain weights builds nothing to keep
+            if w.layout == torch._mkldnn:  # packed for oneDNN (kernels/ops.py); other weights have nothing to prepare
                 weights.setdefault(tuple(w.shape), w)
         for w in weights.values():
             x = torch.zeros(rows, w.shape[1], dtype=self.dtype, device=w.device)
