@@ -209,11 +209,12 @@ def op_timers(engine):
 # ---------------------------------------------------------------- steps of the real engine
 
 
-def make_engine(model: str, adapters: str | None, dtype: str, max_num_seqs: int, max_batched_tokens: int):
+def make_engine(model: str, adapters: str | None, dtype: str, max_num_seqs: int, max_batched_tokens: int,
+                pool_bytes: int = 512 * 2**20):
     from lorafleet.coordinator.config import EngineConfig
     from lorafleet.coordinator.engine import Engine
 
-    engine = Engine(EngineConfig(model_dir=model, adapters_dir=adapters, dtype=dtype, pool_bytes=512 * 2**20,
+    engine = Engine(EngineConfig(model_dir=model, adapters_dir=adapters, dtype=dtype, pool_bytes=pool_bytes,
                                  max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens))
     if engine.cfg.device != "cpu" or engine.cfg.tp != 1:
         raise SystemExit("bench/roofline.py times the in-process CPU engine (tp 1)")
@@ -295,7 +296,9 @@ def measure_steps(engine, cfg, args, names, kind: str) -> dict:
             timers.active = False
             (step,) = steps
             if kind == "decode" and (len(step.seqs) != args.decode_seqs or any(len(w.token_ids) != 1 for w in step.seqs)):
-                raise RuntimeError("the decode step is not one token of every decoding sequence")
+                raise RuntimeError(f"the decode step has {len(step.seqs)} of {args.decode_seqs} sequences, or more than one token "
+                                   f"of one: the pool ran short (KV of every sequence and one adapter per sequence; "
+                                   f"raise --pool-bytes, now {args.pool_bytes} bytes)")
             if kind == "prefill" and sum(len(w.token_ids) for w in step.seqs) < args.prefill_seqs * args.prompt_len:
                 raise RuntimeError("the prefill step did not take every prompt: raise --max-batched-tokens")
             samples.append((total, dict(timers.seconds), step_flops(cfg, step, ranks)))
@@ -330,7 +333,8 @@ def report(args) -> str:
         peaks[name] = (max(rates.values()), max(rates, key=rates.get), rates)
         for label, folder in variants:
             engine = make_engine(args.model, folder, name, max(args.decode_seqs, args.prefill_seqs),
-                                 max(2048, args.prefill_seqs * args.prompt_len, args.decode_seqs * args.decode_context))
+                                 max(2048, args.prefill_seqs * args.prompt_len, args.decode_seqs * args.decode_context),
+                                 args.pool_bytes)
             try:
                 for kind in ("prefill", "decode"):
                     results.setdefault(name, {})[f"{kind}, {label}"] = measure_steps(
@@ -381,6 +385,7 @@ def report(args) -> str:
 
 
 def parse_args(argv=None):
+    from lorafleet.coordinator.cli import parse_bytes
     from lorafleet.worker.config import DTYPES
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -393,6 +398,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-seqs", type=int, default=64)
     p.add_argument("--decode-context", type=int, default=64, help="prompt length of the decoding sequences")
+    p.add_argument("--pool-bytes", type=parse_bytes, default=512 * 2**20,
+                   help="the page pool (e.g. 2GiB): the decode step's sequences and their adapters must fit at once")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "roofline.md"))
     args = p.parse_args(argv)
     if min(args.repeats, args.prefill_seqs, args.prompt_len, args.decode_seqs, args.decode_context, args.threads) < 1:
