@@ -49,11 +49,6 @@ static inline float exp_nonpositive(float x) {
 }
 
 #if defined(__AVX512F__)
-/* the low n (0..16) lanes of a 16-lane mask */
-static inline __mmask16 lanes16(int64_t n) { return n >= 16 ? (__mmask16)0xffffu : (__mmask16)((1u << n) - 1u); }
-/* the low n (0..32) lanes of a 32-lane mask */
-static inline __mmask32 lanes_mask32(int64_t n) { return n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1u); }
-
 /* exp_nonpositive on 16 lanes, the same steps in AVX-512 (gcc does not vectorise the scalar one here) */
 static inline __m512 exp_nonpositive16(__m512 x) {
     const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
@@ -75,26 +70,22 @@ static inline __m512 exp_nonpositive16(__m512 x) {
 }
 #endif
 
-/* w[0 .. count) = softmax(w[0 .. count)) = exp(w - max w) / sum, in float32 (count >= 1). */
-static inline void softmax(float *w, int64_t count) {
+/* w[0 .. count) = exp(w - max w), in float32, in place; returns their sum (count >= 1). */
+static inline float exp_sum(float *w, int64_t count) {
 #if defined(__AVX512F__)
     __m512 top16 = _mm512_set1_ps(-INFINITY), total16 = _mm512_setzero_ps();
     for (int64_t p = 0; p < count; p += 16) {
-        const __mmask16 m = lanes16(count - p);
+        const __mmask16 m = lanes_mask16(count - p);
         top16 = _mm512_mask_max_ps(top16, m, top16, _mm512_maskz_loadu_ps(m, w + p));
     }
     const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top16));
     for (int64_t p = 0; p < count; p += 16) { /* lanes past count are neither stored nor summed */
-        const __mmask16 m = lanes16(count - p);
+        const __mmask16 m = lanes_mask16(count - p);
         const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, w + p), top));
         _mm512_mask_storeu_ps(w + p, m, e);
         total16 = _mm512_mask_add_ps(total16, m, total16, e);
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total16));
-    for (int64_t p = 0; p < count; p += 16) {
-        const __mmask16 m = lanes16(count - p);
-        _mm512_mask_storeu_ps(w + p, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + p), inv));
-    }
+    return _mm512_reduce_add_ps(total16);
 #else
     float top = -INFINITY, total = 0.0f;
     for (int64_t p = 0; p < count; p++) top = w[p] > top ? w[p] : top;
@@ -102,7 +93,19 @@ static inline void softmax(float *w, int64_t count) {
         w[p] = exp_nonpositive(w[p] - top);
         total += w[p];
     }
-    const float inv = 1.0f / total;
+    return total;
+#endif
+}
+
+/* w[0 .. count) = softmax(w[0 .. count)) = exp(w - max w) / sum, in float32 (count >= 1). */
+static inline void softmax(float *w, int64_t count) {
+    const float inv = 1.0f / exp_sum(w, count);
+#if defined(__AVX512F__)
+    for (int64_t p = 0; p < count; p += 16) {
+        const __mmask16 m = lanes_mask16(count - p);
+        _mm512_mask_storeu_ps(w + p, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + p), _mm512_set1_ps(inv)));
+    }
+#else
     for (int64_t p = 0; p < count; p++) w[p] *= inv;
 #endif
 }
@@ -252,19 +255,36 @@ static inline __m512 sum16(const __m512 v[16]) {
 }
 
 /* chunk ch of a head at p (masked lanes zero): 32 bf16 or 16 float32 values, as 64 bytes */
-static inline __attribute__((always_inline)) __m512i load_chunk(const char *p, int64_t ch, __mmask32 mask, const int bf16) {
+static inline __attribute__((always_inline)) __m512i load_chunk(const char *p, int64_t ch, __mmask32 mask, const int is_bf16) {
 #if LORAFLEET_NATIVE_BF16
-    if (bf16) return _mm512_maskz_loadu_epi16(mask, p + ch * 64);
+    if (is_bf16) return _mm512_maskz_loadu_epi16(mask, p + ch * 64);
 #endif
     return _mm512_maskz_loadu_epi32((__mmask16)mask, p + ch * 64);
 }
 
 /* acc + the products of chunk q and chunk k, lane by lane (bf16: pairs of products) */
-static inline __attribute__((always_inline)) __m512 dot_chunk(__m512 acc, __m512i q, __m512i k, const int bf16) {
+static inline __attribute__((always_inline)) __m512 dot_chunk(__m512 acc, __m512i q, __m512i k, const int is_bf16) {
 #if LORAFLEET_NATIVE_BF16
-    if (bf16) return _mm512_dpbf16_ps(acc, (__m512bh)q, (__m512bh)k);
+    if (is_bf16) return _mm512_dpbf16_ps(acc, (__m512bh)q, (__m512bh)k);
 #endif
     return _mm512_fmadd_ps(_mm512_castsi512_ps(q), _mm512_castsi512_ps(k), acc);
+}
+
+/* 16 values at p (bf16 or float32) as float32, lanes outside m zero; and back, rounded, lanes in m */
+static inline __attribute__((always_inline)) __m512 load16(const char *p, __mmask16 m, const int is_bf16) {
+#if LORAFLEET_NATIVE_BF16
+    if (is_bf16) return load16_bf16((const bf16 *)p, m);
+#endif
+    return _mm512_maskz_loadu_ps(m, p);
+}
+static inline __attribute__((always_inline)) void store16(char *p, __m512 v, __mmask16 m, const int is_bf16) {
+#if LORAFLEET_NATIVE_BF16
+    if (is_bf16) {
+        store16_bf16((bf16 *)p, v, m);
+        return;
+    }
+#endif
+    _mm512_mask_storeu_ps(p, m, v);
 }
 
 /* w_g[j] = scale * q_g . K_j for the m <= 16 keys of one block (key j at k0 + pages[j] * row_bytes) and each
@@ -275,7 +295,7 @@ static inline __attribute__((always_inline)) __m512 dot_chunk(__m512 acc, __m512
 static inline __attribute__((always_inline)) void qk_block(const __m512i *qv, int64_t heads, const int64_t chunks,
                                                           const __mmask32 *masks, const char *k0, const int64_t *pages,
                                                           int64_t row_bytes, int64_t m, __m512 sc, float *w, int64_t c,
-                                                          const int bf16) {
+                                                          const int is_bf16) {
     const char *keys[16];
     for (int j = 0; j < 16; j++) keys[j] = k0 + pages[j < m ? j : 0] * row_bytes;
     for (int64_t g = 0; g < heads; g++) {
@@ -285,7 +305,7 @@ static inline __attribute__((always_inline)) void qk_block(const __m512i *qv, in
             dots[j] = _mm512_setzero_ps();
 #pragma GCC unroll 8
             for (int64_t ch = 0; ch < chunks; ch++)
-                dots[j] = dot_chunk(dots[j], qv[g * chunks + ch], load_chunk(keys[j], ch, masks[ch], bf16), bf16);
+                dots[j] = dot_chunk(dots[j], qv[g * chunks + ch], load_chunk(keys[j], ch, masks[ch], is_bf16), is_bf16);
         }
         _mm512_mask_storeu_ps(w + g * c, (__mmask16)((1u << m) - 1u), _mm512_mul_ps(sum16(dots), sc));
     }
@@ -295,9 +315,9 @@ static inline __attribute__((always_inline)) void qk_block(const __m512i *qv, in
 static inline __attribute__((always_inline)) void qk_heads(const __m512i *qv, int64_t heads, int64_t chunks,
                                                           const __mmask32 *masks, const char *k0, const int64_t *pages,
                                                           int64_t row_bytes, int64_t m, __m512 sc, float *w, int64_t c,
-                                                          const int bf16) {
+                                                          const int is_bf16) {
     switch (chunks) {
-#define QK_CASE(C) case C: qk_block(qv, heads, C, masks, k0, pages, row_bytes, m, sc, w, c, bf16); return;
+#define QK_CASE(C) case C: qk_block(qv, heads, C, masks, k0, pages, row_bytes, m, sc, w, c, is_bf16); return;
     QK_CASE(1) QK_CASE(2) QK_CASE(3) QK_CASE(4) QK_CASE(5) QK_CASE(6) QK_CASE(7) QK_CASE(8)
 #undef QK_CASE
     }
@@ -309,65 +329,47 @@ static inline __attribute__((always_inline)) void qk_heads(const __m512i *qv, in
  * 8: 128) the accumulators stay in registers. V_p = v0 + pages[p] * row_bytes. */
 static inline __attribute__((always_inline)) void pv_block(const float *w, int64_t c, int64_t last, const int64_t *pages,
                                                           int64_t row_bytes, const char *v0, int64_t head_dim,
-                                                          const int64_t heads, const int64_t d16, char *out, const int bf16) {
-    const int64_t esize = bf16 ? 2 : 4;
+                                                          const int64_t heads, const int64_t d16, char *out, const int is_bf16) {
+    const int64_t esize = is_bf16 ? 2 : 4;
     __m512 acc[16], v[16];
     for (int64_t e = 0; e < heads * d16; e++) acc[e] = _mm512_setzero_ps();
     for (int64_t p = 0; p <= last; p++) {
         if (p + AHEAD <= last) prefetch_row(v0 + pages[p + AHEAD] * row_bytes, head_dim * esize);
         const char *value = v0 + pages[p] * row_bytes;
-        for (int64_t ch = 0; ch < d16; ch++) {
-            const __mmask16 m = lanes16(head_dim - ch * 16);
-#if LORAFLEET_NATIVE_BF16
-            if (bf16) {
-                v[ch] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, value + ch * 32)), 16));
-                continue;
-            }
-#endif
-            v[ch] = _mm512_maskz_loadu_ps(m, value + ch * 64);
-        }
+        for (int64_t ch = 0; ch < d16; ch++) v[ch] = load16(value + ch * 16 * esize, lanes_mask16(head_dim - ch * 16), is_bf16);
         for (int64_t g = 0; g < heads; g++) {
             const __m512 wp = _mm512_set1_ps(w[g * c + p]);
             for (int64_t ch = 0; ch < d16; ch++) acc[g * d16 + ch] = _mm512_fmadd_ps(wp, v[ch], acc[g * d16 + ch]);
         }
     }
     for (int64_t g = 0; g < heads; g++)
-        for (int64_t ch = 0; ch < d16; ch++) {
-            const __mmask16 m = lanes16(head_dim - ch * 16);
-            char *o = out + (g * head_dim + ch * 16) * esize;
-#if LORAFLEET_NATIVE_BF16
-            if (bf16) {
-                _mm256_mask_storeu_epi16(o, m, (__m256i)_mm512_cvtneps_pbh(acc[g * d16 + ch]));
-                continue;
-            }
-#endif
-            _mm512_mask_storeu_ps(o, m, acc[g * d16 + ch]);
-        }
+        for (int64_t ch = 0; ch < d16; ch++)
+            store16(out + (g * head_dim + ch * 16) * esize, acc[g * d16 + ch], lanes_mask16(head_dim - ch * 16), is_bf16);
 }
 
 /* pv_block for `heads` <= 16 / d16 query heads, with the constants of the common shapes */
 static inline __attribute__((always_inline)) void pv_heads(const float *w, int64_t c, int64_t last, const int64_t *pages,
                                                           int64_t row_bytes, const char *v0, int64_t head_dim, int64_t heads,
-                                                          int64_t d16, char *out, const int bf16) {
-#define PV_CASE(H, D) if (heads == H && d16 == D) { pv_block(w, c, last, pages, row_bytes, v0, head_dim, H, D, out, bf16); return; }
+                                                          int64_t d16, char *out, const int is_bf16) {
+#define PV_CASE(H, D) if (heads == H && d16 == D) { pv_block(w, c, last, pages, row_bytes, v0, head_dim, H, D, out, is_bf16); return; }
     PV_CASE(1, 4) PV_CASE(2, 4) PV_CASE(3, 4) PV_CASE(4, 4) PV_CASE(1, 8) PV_CASE(2, 8)
 #undef PV_CASE
-    pv_block(w, c, last, pages, row_bytes, v0, head_dim, heads, d16, out, bf16);
+    pv_block(w, c, last, pages, row_bytes, v0, head_dim, heads, d16, out, is_bf16);
 }
 
-/* The decode kernel in AVX-512, element size by `bf16` (heads of at most 8 chunks: the callers check). */
+/* The decode kernel in AVX-512, element size by `is_bf16` (heads of at most 8 chunks: the callers check). */
 static inline __attribute__((always_inline)) int64_t decode_attention(
     const char *q, int64_t q_stride_t, char *out, int64_t out_stride_t, const char *pool, int64_t row_dim,
     int64_t num_pages, const int64_t *page_table, int64_t table_stride, const int64_t *table_rows,
     const int64_t *query_start, const int64_t *context_lens, const int64_t *seqs, int64_t num_seqs,
-    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads, const int bf16)
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float scale, int64_t threads, const int is_bf16)
 {
-    const int64_t esize = bf16 ? 2 : 4, per_chunk = 64 / esize, row_bytes = row_dim * esize;
+    const int64_t esize = is_bf16 ? 2 : 4, per_chunk = 64 / esize, row_bytes = row_dim * esize;
     const int64_t ratio = num_heads / num_kv_heads, kv_size = num_kv_heads * head_dim;
     const int64_t chunks = (head_dim + per_chunk - 1) / per_chunk;
     __mmask32 masks[8]; /* the lanes of each chunk of a head */
     for (int64_t ch = 0; ch < chunks; ch++)
-        masks[ch] = bf16 ? lanes_mask32(head_dim - ch * per_chunk) : (__mmask32)lanes16(head_dim - ch * per_chunk);
+        masks[ch] = is_bf16 ? lanes_mask(head_dim - ch * per_chunk) : (__mmask32)lanes_mask16(head_dim - ch * per_chunk);
     int64_t outside = 0;
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_seqs > 1)")
     for (int64_t s = 0; s < num_seqs; s++) {
@@ -387,21 +389,21 @@ static inline __attribute__((always_inline)) int64_t decode_attention(
                 for (int64_t g = 0; g < ratio; g++)
                     for (int64_t ch = 0; ch < chunks; ch++)
                         qv[g * chunks + ch] = load_chunk(q + (t * q_stride_t + (hk * ratio + g) * head_dim) * esize, ch,
-                                                         masks[ch], bf16);
+                                                         masks[ch], is_bf16);
                 const __m512 sc = _mm512_set1_ps(scale);
                 const char *k0 = pool + hk * head_dim * esize;
                 for (int64_t p0 = 0; p0 <= last; p0 += 16) { /* 16 keys, read once for every query head */
                     const int64_t m = last + 1 - p0 < 16 ? last + 1 - p0 : 16;
                     for (int64_t p = p0 + 16; p < p0 + 32 && p <= last; p++)
                         prefetch_row(k0 + pages[p] * row_bytes, head_dim * esize);
-                    qk_heads(qv, ratio, chunks, masks, k0, pages + p0, row_bytes, m, sc, w + p0, c, bf16);
+                    qk_heads(qv, ratio, chunks, masks, k0, pages + p0, row_bytes, m, sc, w + p0, c, is_bf16);
                 }
                 for (int64_t g = 0; g < ratio; g++) softmax(w + g * c, last + 1);
                 const int64_t d16 = (head_dim + 15) / 16, group = 16 / d16;
                 for (int64_t g = 0; g < ratio; g += group) /* P.V, up to `group` heads per pass over V */
                     pv_heads(w + g * c, c, last, pages, row_bytes, pool + (kv_size + hk * head_dim) * esize, head_dim,
                              ratio - g < group ? ratio - g : group, d16,
-                             out + (t * out_stride_t + (hk * ratio + g) * head_dim) * esize, bf16);
+                             out + (t * out_stride_t + (hk * ratio + g) * head_dim) * esize, is_bf16);
             }
         }
         free(w);
@@ -452,9 +454,6 @@ DEFINE_ATTENTION(bf16, bf16)
 #define CHUNK_ROWS 6
 #define CHUNK_TOKENS 32
 
-/* the low n lanes of 16 (none for n <= 0) */
-static inline __mmask16 lanes16_or_none(int64_t n) { return n <= 0 ? (__mmask16)0 : lanes16(n); }
-
 /* w[r][j] = scale * q_r . K_j for the CHUNK_ROWS rows r (the query's units at qp[r]) and the 32 keys
  * of packed block kb (units units of 32 keys each) */
 static inline __attribute__((always_inline)) void qk_rows(const int32_t *const qp[CHUNK_ROWS], const int32_t *kb,
@@ -469,15 +468,8 @@ static inline __attribute__((always_inline)) void qk_rows(const int32_t *const q
             int32_t unit;
             memcpy(&unit, qp[r] + u, sizeof unit);
             const __m512i a = _mm512_set1_epi32(unit);
-#if LORAFLEET_NATIVE_BF16
-            if (bf16_pairs) {
-                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)a, (__m512bh)k0);
-                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)a, (__m512bh)k1);
-                continue;
-            }
-#endif
-            acc[r][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(k0), acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(k1), acc[r][1]);
+            acc[r][0] = dot_chunk(acc[r][0], a, k0, bf16_pairs);
+            acc[r][1] = dot_chunk(acc[r][1], a, k1, bf16_pairs);
         }
     }
     for (int r = 0; r < CHUNK_ROWS; r++) {
@@ -489,16 +481,7 @@ static inline __attribute__((always_inline)) void qk_rows(const int32_t *const q
 /* V_j[d0 .. d0 + 64) as float32 (value: its first element, 2 or 4 bytes each), lanes outside m zero */
 static inline __attribute__((always_inline)) void v_row(const char *value, const __mmask16 m[4], __m512 v[4],
                                                        const int bf16_pairs) {
-    for (int ch = 0; ch < 4; ch++) {
-#if LORAFLEET_NATIVE_BF16
-        if (bf16_pairs) {
-            const __m256i raw = _mm256_maskz_loadu_epi16(m[ch], (const bf16 *)value + ch * 16);
-            v[ch] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-            continue;
-        }
-#endif
-        v[ch] = _mm512_maskz_loadu_ps(m[ch], (const float *)value + ch * 16);
-    }
+    for (int ch = 0; ch < 4; ch++) v[ch] = load16(value + ch * 16 * (bf16_pairs ? 2 : 4), m[ch], bf16_pairs);
 }
 
 /* acc[r] = sum_{j <= last[r]} w[r][j] V_j[d0 .. d0 + 64) for the CHUNK_ROWS rows (last[] ascending),
@@ -530,16 +513,8 @@ static inline __attribute__((always_inline)) void pv_rows(const float *w, int64_
         }
     }
     for (int r = 0; r < rows; r++)
-        for (int ch = 0; ch < 4; ch++) {
-            const __m512 x = _mm512_mul_ps(acc[r][ch], _mm512_set1_ps(inv[r]));
-#if LORAFLEET_NATIVE_BF16
-            if (bf16_pairs) {
-                _mm256_mask_storeu_epi16((bf16 *)o[r] + ch * 16, m[ch], (__m256i)_mm512_cvtneps_pbh(x));
-                continue;
-            }
-#endif
-            _mm512_mask_storeu_ps((float *)o[r] + ch * 16, m[ch], x);
-        }
+        for (int ch = 0; ch < 4; ch++)
+            store16(o[r] + ch * 16 * (bf16_pairs ? 2 : 4), _mm512_mul_ps(acc[r][ch], _mm512_set1_ps(inv[r])), m[ch], bf16_pairs);
 }
 
 static inline __attribute__((always_inline)) int64_t chunk_attention(
@@ -610,24 +585,11 @@ static inline __attribute__((always_inline)) int64_t chunk_attention(
                 for (int64_t b = 0; b < (seen + 31) / 32; b++)
                     qk_rows(qp, kp + b * units * 32, units, sc, w + b * 32, padded, bf16_pairs);
                 float inv[CHUNK_ROWS];
-                for (int r = 0; r < CHUNK_ROWS; r++) {
-                    float *wr = w + r * padded;
-                    const int64_t count = last[r] + 1;
-                    __m512 top16 = _mm512_set1_ps(-INFINITY), total16 = _mm512_setzero_ps();
-                    for (int64_t p = 0; p < count; p += 16)
-                        top16 = _mm512_mask_max_ps(top16, lanes16(count - p), top16, _mm512_loadu_ps(wr + p));
-                    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top16));
-                    for (int64_t p = 0; p < count; p += 16) { /* the weights, unnormalised */
-                        const __mmask16 mine = lanes16(count - p);
-                        const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mine, wr + p), top));
-                        _mm512_mask_storeu_ps(wr + p, mine, e);
-                        total16 = _mm512_mask_add_ps(total16, mine, total16, e);
-                    }
-                    inv[r] = 1.0f / _mm512_reduce_add_ps(total16);
-                }
+                for (int r = 0; r < CHUNK_ROWS; r++) /* the weights, unnormalised: the totals divide the sums */
+                    inv[r] = 1.0f / exp_sum(w + r * padded, last[r] + 1);
                 for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
                     __mmask16 mk[4];
-                    for (int ch = 0; ch < 4; ch++) mk[ch] = lanes16_or_none(head_dim - d0 - ch * 16);
+                    for (int ch = 0; ch < 4; ch++) mk[ch] = lanes_mask16(head_dim - d0 - ch * 16);
                     char *od[CHUNK_ROWS];
                     for (int r = 0; r < CHUNK_ROWS; r++) od[r] = o[r] + d0 * esize;
                     pv_rows(w, padded, last, pages, row_bytes, pool + (kv_size + hk * head_dim + d0) * esize, mk, inv, od, m,

@@ -492,10 +492,6 @@ static void tile_product(const bf16 *a, int64_t a_stride, int64_t k_blocks, cons
     if (nb > 3) _tile_stored(3, out + 48, ob);
 }
 
-static inline __m512 widen_bf16(__m256i v) { /* 16 bf16 -> float32: the 16 bits go to the top of each lane */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
 /* The 16 x 16 matrix of 32-bit elements in r[0..16) (row i in r[i]) transposed in place. */
 static inline void transpose_16x16_epi32(__m512i r[16]) {
     __m512i t[16];
@@ -574,7 +570,7 @@ static void shrink_segment_tiles(const bf16 *x, int64_t x_stride, int64_t in_dim
                 if (rank[g] <= 0) continue;
                 bf16 *st = s + (rows[i0 + i] * num_targets + g) * max_rank;
                 for (int64_t j = 0; j < rank[g]; j += 16) {
-                    const __mmask16 mask = (__mmask16)lanes_mask(rank[g] - j < 16 ? rank[g] - j : 16);
+                    const __mmask16 mask = lanes_mask16(rank[g] - j);
                     const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, acc + i * c_pad + c + j));
                     _mm256_mask_storeu_epi16(st + j, mask, (__m256i)v);
                 }
@@ -632,8 +628,8 @@ static void expand_segment_tiles(bf16 *y, int64_t y_stride, int64_t out, const b
                 for (int64_t q = 0; q < cols; q += 32) {
                     const __mmask32 mask = lanes_mask(cols - q);
                     const __m512i yv = _mm512_maskz_loadu_epi16(mask, yt + q);
-                    const __m512 lo = _mm512_fmadd_ps(_mm512_load_ps(d + q), sc, widen_bf16(_mm512_castsi512_si256(yv)));
-                    const __m512 hi = _mm512_fmadd_ps(_mm512_load_ps(d + q + 16), sc, widen_bf16(_mm512_extracti64x4_epi64(yv, 1)));
+                    const __m512 lo = _mm512_fmadd_ps(_mm512_load_ps(d + q), sc, widen16_bf16(_mm512_castsi512_si256(yv)));
+                    const __m512 hi = _mm512_fmadd_ps(_mm512_load_ps(d + q + 16), sc, widen16_bf16(_mm512_extracti64x4_epi64(yv, 1)));
                     _mm512_mask_storeu_epi16(yt + q, mask, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
                 }
             }
@@ -798,9 +794,8 @@ void lora_expand_bf16(
                         const int64_t len = out - b * 32 < 32 ? out - b * 32 : 32;
                         const __mmask32 mask = lanes_mask(len);
                         const __m512i yb = _mm512_maskz_loadu_epi16(mask, yt + b * 32);
-                        /* bf16 -> float32: the 16 bits go to the top of each lane */
-                        const __m512 y0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(yb)), 16));
-                        const __m512 y1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(yb, 1)), 16));
+                        const __m512 y0 = widen16_bf16(_mm512_castsi512_si256(yb));
+                        const __m512 y1 = widen16_bf16(_mm512_extracti64x4_epi64(yb, 1));
                         const __m512 r0 = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, idx0, hi), sc, y0);
                         const __m512 r1 = _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, idx1, hi), sc, y1);
                         _mm512_mask_storeu_epi16(yt + b * 32, mask, (__m512i)_mm512_cvtne2ps_pbh(r1, r0));

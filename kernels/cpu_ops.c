@@ -149,15 +149,7 @@ DEFINE_OPS(float, f32)
  * these ops round up to four times per element. It is torch's rounding except for float32
  * subnormals (below 2^-126), which it flushes to zero. 16 elements per step, the last ones masked. */
 
-static inline __m512 load16_bf16(const bf16 *p, __mmask16 m) { /* the 16 bits go to the top of each lane */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-static inline __m512 widen16_bf16(__m256i b) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-}
-static inline __m256i narrow16_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 static inline __m512 round16_bf16(__m512 v) { return widen16_bf16(narrow16_bf16(v)); }
-static inline void store16_bf16(bf16 *p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, narrow16_bf16(v)); }
 
 void add_rms_norm_bf16(
     bf16 *h, int64_t h_stride, const bf16 *delta, int64_t delta_stride, const bf16 *weight,
@@ -168,7 +160,7 @@ void add_rms_norm_bf16(
         bf16 *ht = h + t * h_stride, *yt = out + t * out_stride;
         __m512 squares = _mm512_setzero_ps();
         for (int64_t c = 0; c < dim; c += 16) {
-            const __mmask16 m = (__mmask16)lanes_mask(dim - c);
+            const __mmask16 m = lanes_mask16(dim - c);
             __m512 v = load16_bf16(ht + c, m);
             if (delta) { /* the residual stream, rounded and written back */
                 const __m256i sum = narrow16_bf16(_mm512_add_ps(v, load16_bf16(delta + t * delta_stride + c, m)));
@@ -179,7 +171,7 @@ void add_rms_norm_bf16(
         }
         const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps));
         for (int64_t c = 0; c < dim; c += 16) {
-            const __mmask16 m = (__mmask16)lanes_mask(dim - c);
+            const __mmask16 m = lanes_mask16(dim - c);
             const __m512 normed = round16_bf16(_mm512_mul_ps(load16_bf16(ht + c, m), scale));
             store16_bf16(yt + c, _mm512_mul_ps(load16_bf16(weight + c, m), normed), m);
         }
@@ -198,7 +190,7 @@ void rotary_bf16(
         for (int64_t j = 0; j < q_heads + k_heads; j++) {
             bf16 *x = j < q_heads ? q + t * q_stride_t + j * q_stride_h : k + t * k_stride_t + (j - q_heads) * k_stride_h;
             for (int64_t i = 0; i < half; i += 16) { /* x = x * cos + cat(-x2, x1) * sin, rounded as torch rounds */
-                const __mmask16 m = (__mmask16)lanes_mask(half - i);
+                const __mmask16 m = lanes_mask16(half - i);
                 const __m512 x1 = load16_bf16(x + i, m), x2 = load16_bf16(x + half + i, m);
                 const __m512 y1 = _mm512_sub_ps(round16_bf16(_mm512_mul_ps(x1, load16_bf16(ct + i, m))),
                                                 round16_bf16(_mm512_mul_ps(x2, load16_bf16(st + i, m))));
@@ -240,7 +232,7 @@ void silu_mul_bf16(
         const bf16 *gate = gate_up + t * gate_up_stride, *up = gate + inter;
         bf16 *yt = out + t * out_stride;
         for (int64_t j = 0; j < inter; j += 16) {
-            const __mmask16 m = (__mmask16)lanes_mask(inter - j);
+            const __mmask16 m = lanes_mask16(inter - j);
             const __m512 act = round16_bf16(silu16(load16_bf16(gate + j, m)));
             store16_bf16(yt + j, _mm512_mul_ps(act, load16_bf16(up + j, m)), m);
         }
