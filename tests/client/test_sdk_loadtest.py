@@ -55,18 +55,20 @@ class FakeLoraFleet(pb_grpc.LoraFleetServicer):
         self._event("generate", request=base64.b64encode(request.SerializeToString()).decode())
         if request.adapter_id in ERRORS:
             await context.abort(*ERRORS[request.adapter_id])
+        # A client's cancel lands in our sleep, or in grpc's write of the message just yielded; in
+        # the second case this generator is closed only when it is garbage-collected. The done
+        # callback sees both at once: the call ended before its last message or abort.
+        ended = []
+        context.add_done_callback(lambda _: ended or self._event("cancelled"))
         count = request.max_new_tokens or 16
-        try:
-            for i in range(count):
-                await asyncio.sleep(TOKEN_DELAY.get(request.adapter_id, 0.002))
-                if request.adapter_id == "breaks" and i == 2:
-                    await context.abort(grpc.StatusCode.INTERNAL, "a worker died")
-                yield self._response(request, i, last=i == count - 1)
-        except (asyncio.CancelledError, GeneratorExit):
-            # A client's cancel lands in our await as CancelledError, or, when it comes while grpc
-            # writes the message just yielded, closes this generator at the yield.
-            self._event("cancelled")
-            raise
+        for i in range(count):
+            await asyncio.sleep(TOKEN_DELAY.get(request.adapter_id, 0.002))
+            if request.adapter_id == "breaks" and i == 2:
+                ended.append("abort")
+                await context.abort(grpc.StatusCode.INTERNAL, "a worker died")
+            if i == count - 1:
+                ended.append("last")
+            yield self._response(request, i, last=i == count - 1)
 
     def _response(self, request, i: int, last: bool) -> pb.GenerateResponse:
         response = pb.GenerateResponse(token_ids=[100 + i], text=f"t{i} ", request_id=request.request_id or "gen-1")
@@ -307,6 +309,7 @@ def test_the_timeout_is_a_deadline(fake, target):
     with Client(target, timeout=0.3) as client, pytest.raises(LoraFleetError) as caught:
         client.complete(adapter="slow", prompt="x")
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - start < 3
+    assert wait_for(lambda: fake.cancelled == 1), "the deadline ended the server's work too"
 
 
 def test_leaving_the_stream_early_cancels_the_request(fake, target):
@@ -389,10 +392,13 @@ def test_leaving_the_async_stream_early_cancels_the_request(fake, target):
         async with AsyncClient(target) as client:
             async for _ in client.generate(adapter="paced", prompt="x", max_new_tokens=100):
                 break
-            await asyncio.sleep(0.2)
+            for _ in range(250):  # at most 5 s
+                if fake.cancelled:
+                    break
+                await asyncio.sleep(0.02)
             return fake.cancelled
 
-    assert asyncio.run(asyncio.wait_for(scenario(), 5)) == 1, "cancelled while the client was still open"
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == 1, "cancelled while the client was still open"
 
 
 # ---- the load generator ------------------------------------------------------------------------
