@@ -60,6 +60,9 @@ def library_path(extra_flags: tuple[str, ...] = ()) -> Path:
 # A variant without the native bfloat16 kernels (the float32-converting loops every CPU gets), for
 # the tests and bench/kernels.py to hold both bfloat16 paths to the reference and to each other.
 GENERIC_BF16 = ("-DLORAFLEET_NO_NATIVE_BF16",)
+# The native bfloat16 kernels without AMX tiles (long segments on vdpbf16ps in registers), for the tests
+# to hold that path to the reference on CPUs that have AMX too.
+NO_AMX = ("-DLORAFLEET_NO_AMX",)
 
 
 def build(extra_flags: tuple[str, ...] = ()) -> Path:

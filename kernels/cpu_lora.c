@@ -16,8 +16,8 @@
  * - at least `tile_tokens` (prefill): a small matrix product. The adapter's weights are
  *   gathered out of the pages once per segment into a contiguous block in the layout the
  *   product wants, then multiplied in blocks of tokens whose sums stay in registers
- *   (AMX tiles for bfloat16 where the CPU has them): the copy costs one pass over the
- *   weights, which the segment's many tokens then reuse at the speed of the matrix unit.
+ *   (bfloat16: AMX tiles where the CPU has them, else vdpbf16ps on bf16 pairs): the copy
+ *   costs one pass over the weights, which the segment's many tokens then reuse.
  * Segments write disjoint token rows, so they run in parallel (OpenMP).
  *
  * Accumulation is in float32 for every storage type, and each result is rounded once:
@@ -92,7 +92,7 @@ static void *scratch(int slot, size_t bytes) {
     return kept[slot].p;
 }
 
-/* Long segments, every storage type but bfloat16 with AMX: blocked products in float32 on weights
+/* Long segments, every storage type but bfloat16 with native dot products: blocked products in float32 on weights
  * gathered (and converted) out of the pages. The shrink, s (n x sum r) = x (n x in) A^T, takes the A
  * rows of every target side by side and reduces along in_dim, 4 tokens x 4 rows at a time (block_dots);
  * the expand, y (n x out) += scale * v (n x width) B^T, takes B^T as stored and runs in blocks of
@@ -424,22 +424,24 @@ static inline __m512i load_row_bf16(cursor *c, int64_t n) {
     return v;
 }
 
+/* Long segments: a segment of many tokens is a small matrix product: shrink s (n x sum r) = x (n x in)
+ * A^T, expand y (n x out) += scale * v (n x width) B^T. Its tokens go 16 to a block, and the adapter's
+ * weights are read once per segment from the pages and packed into a "panel" in the layout that the
+ * products take for their second operand (row q holds, for each of 16 columns, the pair of reduction
+ * indices 2q, 2q + 1). Packing is the gather out of the pages; the operand rows of x are read in place
+ * when they are 16 consecutive rows, and copied into a zero-padded block otherwise. The product runs on
+ * AMX tiles (tdpbf16ps: a 16 x 32 bf16 tile times a 32 x 16 one into 16 x 16 float32 accumulators)
+ * where the CPU and the process have them, and in AVX512-BF16 registers elsewhere (vdpbf16ps on a
+ * panel row against a broadcast pair of x). Accumulation is float32, each result is rounded once, as
+ * in the dot-product path: only the order of the sums differs. */
+
+#define TILE_ROWS 16 /* tokens per tile; also float32 columns per accumulator tile */
+#define TILE_K 32    /* bf16 elements of the reduction per tile product */
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(LORAFLEET_NO_AMX)
 #define LORAFLEET_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
-/* Long segments on AMX tiles. A segment of many tokens is a small matrix product: shrink
- * s (n x sum r) = x (n x in) A^T, expand y (n x out) += scale * v (n x width) B^T. The tile unit
- * (tdpbf16ps) multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 float32 accumulators, so
- * a segment's tokens go 16 per tile row block, and the adapter's weights are read once per segment
- * from the pages and packed into a "panel" in the layout the unit takes for its second operand
- * (row q holds, for each of 16 columns, the pair of reduction indices 2q, 2q + 1). Packing is the
- * gather out of the pages; the operand rows of x are tile-loaded in place when they are 16
- * consecutive rows, and copied into a zero-padded block otherwise. Accumulation is float32, each
- * result is rounded once, as in the dot-product path: only the order of the sums differs. */
-
-#define TILE_ROWS 16 /* tokens per tile; also float32 columns per accumulator tile */
-#define TILE_K 32    /* bf16 elements of the reduction per tile product */
 
 static int amx_ready; /* Linux hands the tile registers to a process that asks (lorafleet_amx_init) */
 
@@ -460,9 +462,7 @@ static void tiles_begin(void) {
     _tile_loadconfig(&config);
 }
 
-/* out[i][c] = sum_k a[i][k] * B[k][c] for 16 rows i and columns c < 16 nb (nb <= 4): a is bf16 with rows
- * a_stride bytes apart and k_blocks * 32 columns; B is the panel (rows of panel_stride uint32, row q
- * holding the pairs (B[2q][c], B[2q+1][c])); out is float32 with rows out_stride floats apart. */
+/* panel_product (below) on AMX tiles, for all 16 rows. */
 static void tile_product(const bf16 *a, int64_t a_stride, int64_t k_blocks, const uint32_t *panel,
                          int64_t panel_stride, int nb, float *out, int64_t out_stride) {
     const int64_t pb = panel_stride * 4, ob = out_stride * 4;
@@ -494,6 +494,78 @@ static void tile_product(const bf16 *a, int64_t a_stride, int64_t k_blocks, cons
     if (nb > 3) _tile_stored(3, out + 48, ob);
 }
 
+#else
+#define LORAFLEET_AMX 0
+#define amx_ready 0
+int lorafleet_amx_init(void) { return 0; }
+#endif
+
+/* Rows i < 4 of the product below for nb column blocks: 16 float32 accumulators; each panel vector loaded
+ * feeds four rows' vdpbf16ps, each broadcast pair of a feeds nb of them. */
+static inline __attribute__((always_inline)) void rows4_product(const char *a, int64_t a_stride, int64_t pairs,
+                                                                const uint32_t *panel, int64_t panel_stride,
+                                                                const int nb, float *out, int64_t out_stride) {
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int b = 0; b < nb; b++) acc[i][b] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < pairs; q++) {
+        const uint32_t *p = panel + q * panel_stride;
+        __m512bh w[4];
+        for (int b = 0; b < nb; b++) w[b] = (__m512bh)_mm512_loadu_si512(p + 16 * b);
+        for (int i = 0; i < 4; i++) {
+            int32_t pair;
+            memcpy(&pair, a + i * a_stride + 4 * q, sizeof pair);
+            const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+            for (int b = 0; b < nb; b++) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], w[b], x);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int b = 0; b < nb; b++) _mm512_storeu_ps(out + i * out_stride + 16 * b, acc[i][b]);
+}
+
+/* out[i][c] = sum_k a[i][k] * B[k][c] for rows i < 16, columns c < 16 nb (nb <= 4) and k < depth: a is bf16
+ * with rows a_stride bytes apart, zero from depth to a multiple of 32; B is the panel (rows of
+ * panel_stride uint32, row q holding the pairs (B[2q][c], B[2q+1][c]), zero rows past depth); out is
+ * float32 with rows out_stride floats apart. On AMX tiles when `tiles` (the caller configured them),
+ * 32 of k at a time; in registers otherwise, a pair of k at a time, and then only the first `rows`
+ * rows (rounded up to 4) are computed. */
+static void panel_product(int tiles, const bf16 *a, int64_t a_stride, int64_t rows, int64_t depth,
+                          const uint32_t *panel, int64_t panel_stride, int nb, float *out, int64_t out_stride) {
+#if LORAFLEET_AMX
+    if (tiles) {
+        tile_product(a, a_stride, round_up(depth, TILE_K) / TILE_K, panel, panel_stride, nb, out, out_stride);
+        return;
+    }
+#endif
+    (void)tiles;
+    const int64_t pairs = (depth + 1) / 2;
+    for (int64_t i = 0; i < rows; i += 4) {
+        const char *ai = (const char *)a + i * a_stride;
+        float *oi = out + i * out_stride;
+        switch (nb) { /* constant block counts: the accumulators stay in registers */
+        case 1: rows4_product(ai, a_stride, pairs, panel, panel_stride, 1, oi, out_stride); break;
+        case 2: rows4_product(ai, a_stride, pairs, panel, panel_stride, 2, oi, out_stride); break;
+        case 3: rows4_product(ai, a_stride, pairs, panel, panel_stride, 3, oi, out_stride); break;
+        default: rows4_product(ai, a_stride, pairs, panel, panel_stride, 4, oi, out_stride); break;
+        }
+    }
+}
+
+/* Brackets a segment's products: AMX tiles are configured for the thread, and released after. */
+static inline void products_begin(int tiles) {
+#if LORAFLEET_AMX
+    if (tiles) tiles_begin();
+#endif
+    (void)tiles;
+}
+
+static inline void products_end(int tiles) {
+#if LORAFLEET_AMX
+    if (tiles) _tile_release();
+#endif
+    (void)tiles;
+}
+
 /* The 16 x 16 matrix of 32-bit elements in r[0..16) (row i in r[i]) transposed in place. */
 static inline void transpose_16x16_epi32(__m512i r[16]) {
     __m512i t[16];
@@ -520,7 +592,7 @@ static inline void transpose_16x16_epi32(__m512i r[16]) {
 }
 
 /* The shrink of one segment: n tokens (rows[0..n) of x) through every target of adapter a's group. */
-static void shrink_segment_tiles(const bf16 *x, int64_t x_stride, int64_t in_dim, const bf16 *pool, int64_t page_dim,
+static void shrink_segment_panel(int tiles, const bf16 *x, int64_t x_stride, int64_t in_dim, const bf16 *pool, int64_t page_dim,
                                  const int64_t *table, int64_t max_pages, const int64_t *rows, int64_t n,
                                  const int64_t *a_offset, const int64_t *rank, int64_t num_targets, bf16 *s,
                                  int64_t max_rank) {
@@ -565,7 +637,7 @@ static void shrink_segment_tiles(const bf16 *x, int64_t x_stride, int64_t in_dim
         }
         for (int64_t b = 0; b < c_pad / TILE_ROWS; b += 4) {
             const int64_t nb = c_pad / TILE_ROWS - b < 4 ? c_pad / TILE_ROWS - b : 4;
-            tile_product(a, a_stride, k_pad / TILE_K, panel + b * TILE_ROWS, c_pad, (int)nb, acc + b * TILE_ROWS, c_pad);
+            panel_product(tiles, a, a_stride, m, in_dim, panel + b * TILE_ROWS, c_pad, (int)nb, acc + b * TILE_ROWS, c_pad);
         }
         for (int64_t i = 0; i < m; i++) /* row i of the product, target by target, into s[t, g, :r] */
             for (int64_t g = 0, c = 0; g < num_targets; g++) {
@@ -583,7 +655,7 @@ static void shrink_segment_tiles(const bf16 *x, int64_t x_stride, int64_t in_dim
 
 /* The expand of one segment for one target: y[rows, :out] += scale * v B^T, v the segment's shrink outputs
  * (the shards side by side), B^T (width x out) read from the pages. */
-static void expand_segment_tiles(bf16 *y, int64_t y_stride, int64_t out, const bf16 *s, int64_t s_row,
+static void expand_segment_panel(int tiles, bf16 *y, int64_t y_stride, int64_t out, const bf16 *s, int64_t s_row,
                                  int64_t max_rank, int64_t shards, cursor cur, const int64_t *rows, int64_t n,
                                  int64_t r, float scale) {
     const int64_t width = shards * r, w_pad = round_up(width, TILE_K), o_pad = round_up(out, 32);
@@ -623,7 +695,7 @@ static void expand_segment_tiles(bf16 *y, int64_t y_stride, int64_t out, const b
                 memcpy(v + i * w_pad + j * r, s + rows[i0 + i] * s_row + j * max_rank, sizeof(bf16) * r);
         for (int64_t b = 0; b < col_blocks; b += 4) { /* 64 outputs of 16 tokens, then into y */
             const int64_t nb = col_blocks - b < 4 ? col_blocks - b : 4, cols = out - b * 16 < 64 ? out - b * 16 : 64;
-            tile_product(v, w_pad * (int64_t)sizeof(bf16), w_pad / TILE_K, panel + b * 16, o_pad, (int)nb, acc, 64);
+            panel_product(tiles, v, w_pad * (int64_t)sizeof(bf16), m, width, panel + b * 16, o_pad, (int)nb, acc, 64);
             for (int64_t i = 0; i < m; i++) { /* y = round(y + scale * delta), 32 outputs at a time */
                 bf16 *yt = y + rows[i0 + i] * y_stride + b * 16;
                 const float *d = acc + i * 64;
@@ -638,11 +710,6 @@ static void expand_segment_tiles(bf16 *y, int64_t y_stride, int64_t out, const b
         }
     }
 }
-#else
-#define LORAFLEET_AMX 0
-int lorafleet_amx_init(void) { return 0; }
-#endif
-
 void lora_shrink_bf16(
     const bf16 *x, int64_t x_stride, int64_t in_dim,
     const bf16 *pool, int64_t page_dim, const int64_t *page_table, int64_t max_pages,
@@ -653,15 +720,15 @@ void lora_shrink_bf16(
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")
     for (int64_t k = 0; k < num_segs; k++) {
         const int64_t a = seg_adapter[k], first = seg_start[k], n = seg_start[k + 1] - first;
-#if LORAFLEET_AMX
-        if (amx_ready && n >= tile_tokens) {
-            tiles_begin();
-            shrink_segment_tiles(x, x_stride, in_dim, pool, page_dim, page_table + a * max_pages, max_pages, order + first,
-                                 n, a_offset + a * num_targets, rank + a * num_targets, num_targets, s, max_rank);
-            _tile_release();
+        if (n >= tile_tokens) {
+            const int tiles = LORAFLEET_AMX && amx_ready;
+            products_begin(tiles);
+            shrink_segment_panel(tiles, x, x_stride, in_dim, pool, page_dim, page_table + a * max_pages, max_pages,
+                                 order + first, n, a_offset + a * num_targets, rank + a * num_targets, num_targets, s,
+                                 max_rank);
+            products_end(tiles);
             continue;
         }
-#endif
         for (int64_t g = 0; g < num_targets; g++) {
             const int64_t r = rank[a * num_targets + g];
             if (r <= 0) continue;
@@ -734,22 +801,21 @@ void lora_expand_bf16(
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")
     for (int64_t k = 0; k < num_segs; k++) {
         const int64_t a = seg_adapter[k], first = seg_start[k], n_all = seg_start[k + 1] - first;
-#if LORAFLEET_AMX
-        if (amx_ready && n_all >= tile_tokens) {
-            tiles_begin();
+        if (n_all >= tile_tokens) {
+            const int tiles = LORAFLEET_AMX && amx_ready;
+            products_begin(tiles);
             for (int64_t g = 0; g < num_targets; g++) {
                 const int64_t r = rank[a * num_targets + g];
                 if (r <= 0) continue;
                 const cursor cur = cursor_at(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
                                              b_offset[a * num_targets + g]);
-                expand_segment_tiles(y + out_offset[g], y_stride, out_dim[g], s + g * shards * max_rank,
+                expand_segment_panel(tiles, y + out_offset[g], y_stride, out_dim[g], s + g * shards * max_rank,
                                      num_targets * shards * max_rank, max_rank, shards, cur, order + first, n_all, r,
                                      scale[a * num_targets + g]);
             }
-            _tile_release();
+            products_end(tiles);
             continue;
         }
-#endif
         for (int64_t g = 0; g < num_targets; g++) {
             const int64_t r = rank[a * num_targets + g];
             if (r <= 0) continue;

@@ -81,11 +81,13 @@ def test_native_bfloat16_kernels_are_built_where_the_cpu_has_them():
     assert not cpu.native_bf16(cpu.load_variant(cpu.GENERIC_BF16))
 
 
-@pytest.fixture(params=["native", "generic"])
+@pytest.fixture(params=["native", "no_amx", "generic"])
 def bf16_library(request, monkeypatch):
-    """Both bfloat16 paths of the C library: the native one (this machine's) and the fallback."""
-    if request.param == "generic":
-        monkeypatch.setattr(cpu, "_library", cpu.load_variant(cpu.GENERIC_BF16))
+    """The bfloat16 paths of the C library: the native one (this machine's), the native one without AMX
+    tiles (long segments in AVX512-BF16 registers; the same as native on CPUs without AMX) and the
+    float32-converting fallback."""
+    if request.param != "native":
+        monkeypatch.setattr(cpu, "_library", cpu.load_variant(cpu.NO_AMX if request.param == "no_amx" else cpu.GENERIC_BF16))
     return request.param
 
 
@@ -205,16 +207,26 @@ def test_amx_tiles_are_used_where_the_cpu_has_them():
     assert not cpu.amx_bf16(cpu.load_variant(cpu.GENERIC_BF16))
 
 
-@pytest.mark.parametrize("length", LONG)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_segments_around_the_threshold(make_lora_case, lora_tokens, dtype, length):
+def threshold_case(make_lora_case, lora_tokens, length: int, dtype: torch.dtype):
     """Several adapters of mixed ranks (1, 17, 33: not multiples of a tile), each one run of `length` tokens
     as the scheduler sorts them, beside base-only tokens and a short segment that stays on the dot products;
     in_dim 64 lets the tiles read x in place."""
     tokens = lora_tokens([(0, length), (-1, 3), (1, length), (2, length + 5), (3, 2), (-1, 1)])
     ranks = [[8, 16, 4], [64, 0, 33], [1, 128, 17], [16, 16, 16]]
-    case = make_lora_case(ranks, tokens, in_dim=64, out_dims=(96, 32, 40), page_dim=50, dtype=dtype, seed=length)
-    assert_matches_reference(case)
+    return make_lora_case(ranks, tokens, in_dim=64, out_dims=(96, 32, 40), page_dim=50, dtype=dtype, seed=length)
+
+
+@pytest.mark.parametrize("length", LONG)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_segments_around_the_threshold(make_lora_case, lora_tokens, dtype, length):
+    assert_matches_reference(threshold_case(make_lora_case, lora_tokens, length, dtype))
+
+
+@pytest.mark.parametrize("length", LONG)
+def test_bfloat16_segments_around_the_threshold_on_every_path(make_lora_case, lora_tokens, bf16_library, length):
+    """bfloat16's long segments on AMX tiles, in vdpbf16ps registers (rows in blocks of 4: 7, 9 and 17
+    tokens leave partial blocks) and in the float32 fallback."""
+    assert_matches_reference(threshold_case(make_lora_case, lora_tokens, length, torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
