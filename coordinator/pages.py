@@ -116,14 +116,17 @@ class PagePlan:
         return name in self.adapters
 
     def place_adapter(self, name: str, n: int) -> list[int] | None:
-        """Pages for a new resident adapter, or None if they are not free."""
+        """Pages for a new resident adapter, or None if they are not free.
+
+        In ascending order: pages a sequence gave back come off the free list in reverse, and sorted
+        they are runs again, which the CPU kernels read at one address (cpu_lora.c's flat_span)."""
         if name in self.adapters:
             raise PageAccountingError(f"adapter {name} is already resident")
         if self.adapter_free is self.free:
             self._reclaim(n)
         if n > len(self.adapter_free):
             return None
-        self.adapters[name] = ResidentAdapter([self.adapter_free.pop() for _ in range(n)])
+        self.adapters[name] = ResidentAdapter(sorted(self.adapter_free.pop() for _ in range(n)))
         return self.adapters[name].pages
 
     def use_adapter(self, name: str) -> None:

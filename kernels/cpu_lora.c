@@ -77,6 +77,17 @@ static inline void cursor_skip(cursor *c, int64_t n) {
 
 static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+/* Elements [e, e + n) of an adapter's vector at one address when they lie in consecutive pool pages (as an
+ * adapter loaded in one piece has them), else NULL. */
+static inline const void *flat_span(const void *pool, int64_t elem_bytes, const int64_t *table, int64_t num_pages,
+                                    int64_t page_dim, int64_t e, int64_t n) {
+    const int64_t p0 = e / page_dim, p1 = (e + n - 1) / page_dim;
+    if (n <= 0 || p1 >= num_pages) return NULL;
+    for (int64_t p = p0 + 1; p <= p1; p++)
+        if (table[p] != table[p0] + (p - p0)) return NULL;
+    return (const char *)pool + (table[p0] * page_dim + e % page_dim) * elem_bytes;
+}
+
 /* Scratch buffers of the calling thread, kept from call to call and grown as needed (a few hundred KB
  * per thread at most): a fresh large allocation comes as new zeroed pages from the kernel every time,
  * which cost more than the products themselves. */
@@ -404,13 +415,18 @@ DEFINE_LORA(f16, f16)
  * interleave permutes the outputs within each 32-block; the accumulators keep that order and are
  * put back once, when added into y. */
 
+/* n <= 32 elements at p into the low lanes, zeros above (n <= 0: none, and p is not read). 32 are a
+ * plain load: on the AMD EPYC, masked loads that miss the cache made a decode step's expand (two rows
+ * of B^T read side by side) 1.7x slower. */
+static inline __m512i load_flat_bf16(const bf16 *p, int64_t n) {
+    return n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(lanes_mask(n), p);
+}
+
 /* n <= 32 elements of one row (walking `c` across pages) into the low lanes, zeros above. */
 static inline __m512i load_row_bf16(cursor *c, int64_t n) {
     const bf16 *p = CURSOR_PTR(bf16, *c);
     if (c->left >= n) {
-        /* a whole piece is a plain load: on the AMD EPYC, masked loads that miss the cache made a
-         * decode step's expand (two rows of B^T read side by side) 1.7x slower */
-        const __m512i v = n == 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(lanes_mask(n), p);
+        const __m512i v = load_flat_bf16(p, n);
         cursor_advance(c, n);
         return v;
     }
@@ -732,6 +748,26 @@ void lora_shrink_bf16(
         for (int64_t g = 0; g < num_targets; g++) {
             const int64_t r = rank[a * num_targets + g];
             if (r <= 0) continue;
+            const bf16 *flat = n < 4 ? flat_span(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
+                                                 a_offset[a * num_targets + g], r * in_dim) : NULL;
+            if (flat) { /* decode, A_g in one piece: four of its rows at a time, four sums on each load of x */
+                for (int64_t i = 0; i < n; i++) {
+                    const bf16 *xt = x + order[first + i] * x_stride;
+                    bf16 *st = s + (order[first + i] * num_targets + g) * max_rank;
+                    for (int64_t j = 0; j < r; j += 4) {
+                        const int rows = r - j < 4 ? (int)(r - j) : 4;
+                        const bf16 *w = flat + j * in_dim;
+                        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                        for (int64_t col = 0; col < in_dim; col += 32) {
+                            const __m512bh xv = (__m512bh)load_flat_bf16(xt + col, in_dim - col);
+                            for (int q = 0; q < rows; q++)
+                                acc[q] = _mm512_dpbf16_ps(acc[q], xv, (__m512bh)load_flat_bf16(w + q * in_dim + col, in_dim - col));
+                        }
+                        for (int q = 0; q < rows; q++) store_bf16(st + j + q, _mm512_reduce_add_ps(acc[q]));
+                    }
+                }
+                continue;
+            }
             cursor row = cursor_at(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
                                    a_offset[a * num_targets + g]);
             for (int64_t j = 0; j < r; j++) {
@@ -834,15 +870,19 @@ void lora_expand_bf16(
                     if (width % 2) vi[width] = 0;
                 }
                 for (int64_t e = 0; e < n * blocks * 32; e += 16) _mm512_store_ps(acc + e, _mm512_setzero_ps());
+                /* B_g^T in one piece (the adapter's pages in a run) is read with plain loads, else walked page by page */
+                const bf16 *flat = flat_span(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
+                                             b_offset[a * num_targets + g], width * out);
                 cursor cur = cursor_at(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
                                        b_offset[a * num_targets + g]);
                 for (int64_t c = 0; c < width; c += 2) {
                     cursor next = cur; /* row c + 1 starts where row c ends */
-                    cursor_skip(&next, out);
+                    if (!flat) cursor_skip(&next, out);
                     for (int64_t b = 0; b < blocks; b++) {
-                        const int64_t len = out - b * 32 < 32 ? out - b * 32 : 32;
-                        const __m512i w0 = load_row_bf16(&cur, len);
-                        const __m512i w1 = c + 1 < width ? load_row_bf16(&next, len) : _mm512_setzero_si512();
+                        const int64_t len = out - b * 32 < 32 ? out - b * 32 : 32, len1 = c + 1 < width ? len : 0;
+                        const __m512i w0 = flat ? load_flat_bf16(flat + c * out + b * 32, len) : load_row_bf16(&cur, len);
+                        const __m512i w1 = flat ? load_flat_bf16(flat + (c + 1) * out + b * 32, len1)
+                                                : len1 ? load_row_bf16(&next, len) : _mm512_setzero_si512();
                         const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(w0, w1);
                         const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(w0, w1);
                         for (int64_t i = 0; i < n; i++) {

@@ -203,6 +203,19 @@ def test_preemption_requeues_and_recomputes(prefix_cache):
     assert restarts[0] == 0 and (max(restarts[1:]) > 0) == prefix_cache
 
 
+def test_an_adapter_gets_the_pages_a_sequence_gave_back_as_one_run():
+    """The free list hands a released sequence's pages back in reverse; the adapter gets them ascending,
+    so its weights lie in consecutive pages."""
+    plan = PagePlan(20)
+    plan.start_seq(1)
+    assert plan.grow(1, 6) == [0, 1, 2, 3, 4, 5]
+    plan.start_seq(2)
+    plan.grow(2, 4)
+    plan.release_seq(1)
+    assert plan.place_adapter("a", 6) == [0, 1, 2, 3, 4, 5]
+    assert plan.place_adapter("b", 3) == [10, 11, 12]
+
+
 def test_request_larger_than_pool_is_refused():
     sched = Scheduler(SchedulerConfig(max_model_len=4096), PagePlan(16), adapter_pages={"big": 10})
     try:

@@ -47,13 +47,16 @@ def build_lora_case(
     max_rank: int | None = None,
     shards: int = 1,
     seed: int = 0,
+    runs: bool = False,
 ) -> LoraCase:
     """Adapter a has rank ranks[a][g] on target g (0 = absent).
 
     Each adapter's flat vector starts with a random prefix (the other groups of the
     layer), then its A and B blocks: "packed" puts every A before every B, "interleaved"
     puts B_g right after A_g. The vectors are cut into pages drawn from a shuffled pool,
-    so no adapter is contiguous; page 0 and every unused element hold NaN, so a read
+    so no adapter is contiguous; with runs=True each adapter's pages follow each other instead
+    (as an adapter loaded in one piece has them), the adapters in shuffled order with NaN
+    pages between some of them. Page 0 and every unused element hold NaN, so a read
     outside an adapter's blocks poisons the result. With shards = N (tensor parallelism),
     B_g has N * r columns, one block of r per all-gathered shrink output (B_g is random
     here, so its stored B_g^T layout needs nothing else).
@@ -86,12 +89,20 @@ def build_lora_case(
         b_offset.append(b_row)
 
     pages_needed = [-(-v.numel() // page_dim) for v in vectors]
-    num_pages = 1 + sum(pages_needed) + 3
+    num_pages = 1 + sum(pages_needed) + 3 + (len(ranks) if runs else 0)
     free = (1 + torch.randperm(num_pages - 1, generator=gen)).tolist()
+    run_start, at = {}, 1
+    for a in torch.randperm(len(ranks), generator=gen).tolist() if runs else ():  # shuffled, gaps of 0-1 pages
+        at += int(torch.randint(0, 2, (1,), generator=gen))
+        run_start[a] = at
+        at += pages_needed[a]
     pool = torch.full((num_pages, page_dim), float("nan"))
     page_table = torch.zeros(len(ranks), max(pages_needed, default=1), dtype=torch.int64)
     for a, vec in enumerate(vectors):
-        pages = [free.pop() for _ in range(pages_needed[a])]
+        if runs:
+            pages = list(range(run_start[a], run_start[a] + pages_needed[a]))
+        else:
+            pages = [free.pop() for _ in range(pages_needed[a])]
         page_table[a, : len(pages)] = torch.tensor(pages)
         padded = torch.full((len(pages) * page_dim,), float("nan"))
         padded[: vec.numel()] = vec
