@@ -816,6 +816,30 @@ void lora_shrink_bf16(
     }
 }
 
+/* One token's expand over 6 blocks of 32 outputs from block b0 on (blocks past `out` read nothing), B^T
+ * (width x out) at one address: the 12 accumulators stay in registers across every row pair, and go
+ * to acc (the token's interleaved sums, as the loop below keeps them) at the end. */
+#define ONE_TOKEN_BLOCKS 6
+static inline void expand_one_token(const bf16 *bt, int64_t width, int64_t out, const uint32_t *v, int64_t b0,
+                                    float *acc) {
+    __m512 lo_acc[ONE_TOKEN_BLOCKS], hi_acc[ONE_TOKEN_BLOCKS];
+    for (int b = 0; b < ONE_TOKEN_BLOCKS; b++) lo_acc[b] = hi_acc[b] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < width; c += 2) {
+        const __m512bh vv = (__m512bh)_mm512_set1_epi32((int32_t)v[c / 2]);
+        const bf16 *r0 = bt + c * out, *r1 = r0 + out;
+        for (int b = 0; b < ONE_TOKEN_BLOCKS; b++) {
+            const int64_t o = (b0 + b) * 32, len = out - o, len1 = c + 1 < width ? len : 0;
+            const __m512i w0 = load_flat_bf16(r0 + o, len), w1 = load_flat_bf16(r1 + o, len1);
+            lo_acc[b] = _mm512_dpbf16_ps(lo_acc[b], (__m512bh)_mm512_unpacklo_epi16(w0, w1), vv);
+            hi_acc[b] = _mm512_dpbf16_ps(hi_acc[b], (__m512bh)_mm512_unpackhi_epi16(w0, w1), vv);
+        }
+    }
+    for (int b = 0; b < ONE_TOKEN_BLOCKS && (b0 + b) * 32 < out; b++) {
+        _mm512_store_ps(acc + (b0 + b) * 32, lo_acc[b]);
+        _mm512_store_ps(acc + (b0 + b) * 32 + 16, hi_acc[b]);
+    }
+}
+
 /* Tokens per pass over B_g^T in the expand: their float32 accumulators (16 x out) stay in L2. */
 #define EXPAND_TOKENS 16
 
@@ -873,9 +897,11 @@ void lora_expand_bf16(
                 /* B_g^T in one piece (the adapter's pages in a run) is read with plain loads, else walked page by page */
                 const bf16 *flat = flat_span(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
                                              b_offset[a * num_targets + g], width * out);
+                if (flat && n == 1)
+                    for (int64_t b0 = 0; b0 < blocks; b0 += ONE_TOKEN_BLOCKS) expand_one_token(flat, width, out, v, b0, acc);
                 cursor cur = cursor_at(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
                                        b_offset[a * num_targets + g]);
-                for (int64_t c = 0; c < width; c += 2) {
+                for (int64_t c = 0; c < width && !(flat && n == 1); c += 2) {
                     cursor next = cur; /* row c + 1 starts where row c ends */
                     if (!flat) cursor_skip(&next, out);
                     for (int64_t b = 0; b < blocks; b++) {

@@ -106,12 +106,14 @@ def test_both_bfloat16_paths_match_the_reference(make_lora_case, bf16_library, l
 @pytest.mark.parametrize("shards", [1, 2])
 def test_bfloat16_decode_reads_adapters_in_one_piece_with_plain_loads(make_lora_case, bf16_library, shards):
     """Adapters whose pages follow each other (as loading lays them out) are read at one address in
-    decode, four A rows at a time: the ranks and odd dims above, pages of 13 and of 7 elements (every
-    row crosses pages), segments of 1-3 tokens, and (shards = 2) the expand of an all-gathered s."""
+    decode, four A rows at a time and one token's expand in registers, 192 outputs at a time: the ranks
+    above, odd dims (231 outputs: one whole block of 192 and a masked one), pages of 13 and of 7
+    elements (every row crosses pages), segments of 1-3 tokens, and (shards = 2) the expand of an
+    all-gathered s."""
     ranks = [[1, 3, 0], [5, 0, 7], [64, 33, 2], [0, 0, 9], [16, 8, 4]]
     tokens = [0, 2, -1, 1, 2, 4, 4, 3, 2, 4]
     for page_dim in (13, 7):
-        case = make_lora_case(ranks, tokens, in_dim=45, out_dims=(33, 31, 64), page_dim=page_dim, dtype=torch.bfloat16,
+        case = make_lora_case(ranks, tokens, in_dim=45, out_dims=(33, 231, 64), page_dim=page_dim, dtype=torch.bfloat16,
                               shards=shards, seed=page_dim, runs=True)
         if shards == 1:
             assert_matches_reference(case)
