@@ -26,6 +26,10 @@ MATMUL_MIN_TOKENS or more through torch's fused attention on gathered K and V); 
 times are CPU seconds of the process (time.process_time), which leave out the shared
 cores' other work.
 
+With --from-memory, a table times a decode step's q+k+v LoRA for 64 adapters (one token each) over
+30 layers' own pools, so that the weights come from memory as in the engine, with each adapter's
+pages in one run (as loading lays them out) and scattered.
+
 With --segments, a third table times one adapter's segment of n tokens (one run of a step sorted by
 adapter) through the four groups of a SmolLM2-135M layer, on the C kernels' dot products and on their
 matrix products (AMX tiles in bfloat16): where the products start to win is cpu.TILE_TOKENS.
@@ -371,6 +375,51 @@ def segment_table(args, dtype: torch.dtype) -> dict:
     return results
 
 
+def in_runs(x, y, pool, batch, group):
+    """The same step with each adapter's pages one run (as loading lays an adapter out), in adapter order."""
+    pages = adapter_pages(group, pool.shape[1])
+    table, used = torch.zeros_like(batch.page_table), 0
+    for a, p in enumerate(pages):
+        table[a, :p] = torch.arange(used, used + p)
+        used += p
+    runs = pool[torch.cat([batch.page_table[a, :p] for a, p in enumerate(pages)])].contiguous()
+    return x, y, runs, dataclasses.replace(batch, page_table=table, _cpu_segments=None), group
+
+
+def from_memory_table(args, dtype: torch.dtype, layers: int = 30, adapters: int = 64) -> dict:
+    """Prints the table; returns {placement: {"shrink": ms, "expand": ms}}.
+
+    A decode step's q+k+v LoRA as the engine runs it: one token for each of 64 adapters (ranks 8/16), in
+    each of 30 layers with its own pool, so the weights (what the step reads) come from memory, not
+    cache; adapters in runs of pages (flat reads) and in scattered pages (walked page by page)."""
+    print(f"\ndecode: one token for each of {adapters} adapters (ranks 8/16), q+k+v, {layers} layers' own pools, {dtype}, "
+          f"{torch.get_num_threads()} thread(s); ms per step (all layers), median of {args.repeats}")
+    results = {}
+    for placement in ("runs", "scattered"):
+        steps = [build_step(adapters, adapters, seed=layer, dtype=dtype, ranks=(8, 16), shuffle=False)
+                 for layer in range(layers)]
+        if placement == "runs":
+            steps = [in_runs(*step) for step in steps]
+        one_layer(steps)  # each step's metadata, built once as in the engine
+        shrink, expand = [], []
+        for _ in range(args.repeats):
+            t_shrink = t_expand = 0.0
+            for x, y, pool, batch, group in steps:
+                start = time.perf_counter()
+                s = cpu.shrink(x, pool, batch, group)
+                middle = time.perf_counter()
+                cpu.expand(y, s, pool, batch, group)
+                t_shrink, t_expand = t_shrink + middle - start, t_expand + time.perf_counter() - middle
+            shrink.append(t_shrink * 1e3)
+            expand.append(t_expand * 1e3)
+        weights = sum(step[2].numel() * step[2].element_size() for step in steps)
+        results[placement] = {"shrink": statistics.median(shrink), "expand": statistics.median(expand)}
+        total = results[placement]["shrink"] + results[placement]["expand"]
+        print(f"  {placement:>9}: shrink {results[placement]['shrink']:.2f} ms, expand {results[placement]['expand']:.2f} ms; "
+              f"{weights / 1e6:.0f} MB of pools at {weights / total / 1e6:.1f} GB/s")
+    return results
+
+
 def across_dtypes(lora: dict, attention: dict) -> None:
     """The C kernels in each dtype against float32 C and the torch reference, measured in this run."""
     names = list(lora)
@@ -400,6 +449,8 @@ def main() -> None:
     parser.add_argument("--no-attention", action="store_true", help="LoRA tables only")
     parser.add_argument("--segments", action="store_true",
                         help="also time one adapter's segment of n tokens: dot products against matrix products")
+    parser.add_argument("--from-memory", action="store_true",
+                        help="also time a decode step's LoRA over 30 layers' pools (weights from memory, not cache)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -408,6 +459,8 @@ def main() -> None:
         lora[name] = lora_table(args, DTYPES[name])
         if args.segments:
             segment_table(args, DTYPES[name])
+        if args.from_memory:
+            from_memory_table(args, DTYPES[name])
         if not args.no_attention:
             attention[name] = attention_table(args.repeats, DTYPES[name])
             prefill_attention_table(args.repeats, DTYPES[name])
