@@ -760,8 +760,12 @@ void lora_shrink_bf16(
                         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
                         for (int64_t col = 0; col < in_dim; col += 32) {
                             const __m512bh xv = (__m512bh)load_flat_bf16(xt + col, in_dim - col);
-                            for (int q = 0; q < rows; q++)
+                            for (int q = 0; q < rows; q++) {
+                                /* the same line of the next four rows (past A_g, the next target's A or B, read
+                                 * next; a prefetch never faults): 5.1 -> 4.0 ms at 1 thread, 2.9 -> 2.4 at 2 */
+                                __builtin_prefetch(w + (q + 4) * in_dim + col, 0, 3);
                                 acc[q] = _mm512_dpbf16_ps(acc[q], xv, (__m512bh)load_flat_bf16(w + q * in_dim + col, in_dim - col));
+                            }
                         }
                         for (int q = 0; q < rows; q++) store_bf16(st + j + q, _mm512_reduce_add_ps(acc[q]));
                     }
