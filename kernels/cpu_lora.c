@@ -890,6 +890,9 @@ void lora_expand_bf16(
             /* the thread's kept buffers: a malloc and free per segment and target cost about a sixth of a decode step's expand */
             uint32_t *v = scratch(SCRATCH_GATHER, sizeof(uint32_t) * EXPAND_TOKENS * pairs); /* (v[c], v[c+1]) per token */
             float *acc = scratch(SCRATCH_ACC, sizeof(float) * EXPAND_TOKENS * blocks * 32);
+            /* B_g^T in one piece (the adapter's pages in a run): plain loads; else a walk page by page */
+            const bf16 *flat = flat_span(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
+                                         b_offset[a * num_targets + g], width * out);
             for (int64_t i0 = 0; i0 < n_all; i0 += EXPAND_TOKENS) {
                 const int64_t n = n_all - i0 < EXPAND_TOKENS ? n_all - i0 : EXPAND_TOKENS;
                 for (int64_t i = 0; i < n; i++) {
@@ -899,32 +902,33 @@ void lora_expand_bf16(
                         for (int64_t c = 0; c < r; c++) vi[j * r + c] = st[j * max_rank + c];
                     if (width % 2) vi[width] = 0;
                 }
-                for (int64_t e = 0; e < n * blocks * 32; e += 16) _mm512_store_ps(acc + e, _mm512_setzero_ps());
-                /* B_g^T in one piece (the adapter's pages in a run) is read with plain loads, else walked page by page */
-                const bf16 *flat = flat_span(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
-                                             b_offset[a * num_targets + g], width * out);
-                if (flat && n == 1)
-                    for (int64_t b0 = 0; b0 < blocks; b0 += ONE_TOKEN_BLOCKS) expand_one_token(flat, width, out, v, b0, acc);
-                cursor cur = cursor_at(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
-                                       b_offset[a * num_targets + g]);
-                for (int64_t c = 0; c < width && !(flat && n == 1); c += 2) {
-                    cursor next = cur; /* row c + 1 starts where row c ends */
-                    if (!flat) cursor_skip(&next, out);
-                    for (int64_t b = 0; b < blocks; b++) {
-                        const int64_t len = out - b * 32 < 32 ? out - b * 32 : 32, len1 = c + 1 < width ? len : 0;
-                        const __m512i w0 = flat ? load_flat_bf16(flat + c * out + b * 32, len) : load_row_bf16(&cur, len);
-                        const __m512i w1 = flat ? load_flat_bf16(flat + (c + 1) * out + b * 32, len1)
-                                                : len1 ? load_row_bf16(&next, len) : _mm512_setzero_si512();
-                        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(w0, w1);
-                        const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(w0, w1);
-                        for (int64_t i = 0; i < n; i++) {
-                            const __m512bh vv = (__m512bh)_mm512_set1_epi32((int32_t)v[i * pairs + c / 2]);
-                            float *d = acc + (i * blocks + b) * 32;
-                            _mm512_store_ps(d, _mm512_dpbf16_ps(_mm512_load_ps(d), lo, vv));
-                            _mm512_store_ps(d + 16, _mm512_dpbf16_ps(_mm512_load_ps(d + 16), hi, vv));
+                if (flat && n == 1) { /* one token: its sums stay in registers, and overwrite acc */
+                    for (int64_t b0 = 0; b0 < blocks; b0 += ONE_TOKEN_BLOCKS)
+                        expand_one_token(flat, width, out, v, b0, acc);
+                } else {
+                    for (int64_t e = 0; e < n * blocks * 32; e += 16) _mm512_store_ps(acc + e, _mm512_setzero_ps());
+                    cursor cur = cursor_at(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
+                                           b_offset[a * num_targets + g]);
+                    for (int64_t c = 0; c < width; c += 2) {
+                        cursor next = cur; /* row c + 1 starts where row c ends */
+                        if (!flat) cursor_skip(&next, out);
+                        for (int64_t b = 0; b < blocks; b++) {
+                            const int64_t len = out - b * 32 < 32 ? out - b * 32 : 32, len1 = c + 1 < width ? len : 0;
+                            const __m512i w0 = flat ? load_flat_bf16(flat + c * out + b * 32, len)
+                                                    : load_row_bf16(&cur, len);
+                            const __m512i w1 = flat ? load_flat_bf16(flat + (c + 1) * out + b * 32, len1)
+                                                    : len1 ? load_row_bf16(&next, len) : _mm512_setzero_si512();
+                            const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(w0, w1);
+                            const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(w0, w1);
+                            for (int64_t i = 0; i < n; i++) {
+                                const __m512bh vv = (__m512bh)_mm512_set1_epi32((int32_t)v[i * pairs + c / 2]);
+                                float *d = acc + (i * blocks + b) * 32;
+                                _mm512_store_ps(d, _mm512_dpbf16_ps(_mm512_load_ps(d), lo, vv));
+                                _mm512_store_ps(d + 16, _mm512_dpbf16_ps(_mm512_load_ps(d + 16), hi, vv));
+                            }
                         }
+                        cur = next; /* now at row c + 2 */
                     }
-                    cur = next; /* now at row c + 2 */
                 }
                 for (int64_t i = 0; i < n; i++) {
                     bf16 *yt = y + order[first + i0 + i] * y_stride + out_offset[g];
