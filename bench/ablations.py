@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 
-from lorafleet.coordinator.pages import PageAccountingError, PagePlan
+from lorafleet.coordinator.pages import FreePages, PageAccountingError, PagePlan
 from lorafleet.kernels.lora import lora_expand, lora_shrink
 
 
@@ -26,8 +26,8 @@ class SeparatePoolsPlan(PagePlan):
         self._split = self.num_pages - self.adapter_capacity_pages
         if not 0 < self._split < self.num_pages:
             raise ValueError(f"{self.adapter_capacity_pages} adapter pages leave no KV pages in a pool of {self.num_pages}")
-        self.free = list(range(self._split - 1, -1, -1))
-        self.adapter_free = list(range(self.num_pages - 1, self._split - 1, -1))
+        self.free = FreePages(range(self._split), self.num_pages)
+        self.adapter_free = FreePages(range(self._split, self.num_pages), self.num_pages)
 
     @property
     def kv_capacity(self) -> int:
@@ -48,7 +48,7 @@ class SeparatePoolsPlan(PagePlan):
         return len(self.free) + len(self.adapter_free)
 
     def owners(self) -> list[tuple[str, list[int]]]:
-        return super().owners() + [("adapter free", self.adapter_free)]
+        return super().owners() + [("adapter free", list(self.adapter_free))]
 
     def check(self) -> None:
         super().check()

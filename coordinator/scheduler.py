@@ -237,7 +237,9 @@ class Scheduler:
                 self.plan.cache.release(prefix)
                 return None
         if adapter_new:
-            step.load_adapters[seq.adapter] = self.plan.place_adapter(seq.adapter, self.adapter_pages[seq.adapter])
+            if not self.plan.has_adapter_run(adapter_need):  # one run of pages is read fastest (pages.FreePages)
+                self._evict_adapter(keep=seq.adapter, run=adapter_need)
+            step.load_adapters[seq.adapter] = self.plan.place_adapter(seq.adapter, adapter_need)
         if seq.adapter is not None:
             self.plan.use_adapter(seq.adapter)
         cached = self.plan.start_seq(seq.seq_id, prefix, hit)
@@ -250,8 +252,8 @@ class Scheduler:
         self.running.append(seq)
         return SeqWork(seq.seq_id, tokens[hit:hit + n], hit, pages, seq.adapter, seq.request.sampling, prefix=cached)
 
-    def _evict_adapter(self, keep: str | None = None) -> bool:
-        name = self.plan.evict_idle_adapter(keep)
+    def _evict_adapter(self, keep: str | None = None, run: int = 0) -> bool:
+        name = self.plan.evict_idle_adapter(keep, run)
         if name is None:
             return False
         self._evicted.append(name)
