@@ -102,7 +102,7 @@ class Replica:
         self._loads: dict[str, list[int]] = {}  # adapter -> LoadAdapter replies waiting for its read
         self._unloads: dict[str, _Unload] = {}
         self._views: dict[str, AdapterView] = {}
-        self._reads = 0  # adapter reads submitted to the loader and not reported yet
+        self._reading: list[str] = []  # adapters of the reads submitted to the loader and not reported yet
         self._loader = ThreadPoolExecutor(1, thread_name_prefix=f"adapter-loader-{index}",
                                           initializer=name_os_thread, initargs=(f"adapter-loader{index}",))
         self._thread = threading.Thread(target=self._run, name=f"replica-{index}", daemon=True)
@@ -293,17 +293,17 @@ class Replica:
         """Queues up to READS_AHEAD reads on the loader thread, which runs them back to back while
         steps run: its reports wait for the next turn of the loop, so one read per turn would let a
         long step hold the next read back."""
-        while self._reads < READS_AHEAD and self.error is None:
+        while len(self._reading) < READS_AHEAD and self.error is None:
             read = self.engine.next_read()
             if read is None:
                 return
             name, folder, generation = read
-            self._reads += 1
+            self._reading.append(name)
             future = self._loader.submit(self.engine.read_adapter, name, folder)
             future.add_done_callback(lambda f, name=name, generation=generation: self.send(_ReadDone(name, generation, f)))
 
     def _read_done(self, done: _ReadDone, out: list) -> None:
-        self._reads -= 1
+        self._reading.remove(done.name)
         try:
             infos, error = done.future.result(), None
         except AdapterError as e:
