@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,14 +234,23 @@ class DiskCatalog:
 
     A folder whose config lorafleet would refuse is listed with its reason instead of failing."""
 
-    def __init__(self, root: Path | None, limit: int = 10_000):
-        self.root, self.limit = root, limit
+    def __init__(self, root: Path | None, limit: int = 10_000, recheck_every: float = 30.0):
+        self.root, self.limit, self.recheck_every = root, limit, recheck_every
         self._stamp: tuple | None = None
         self._items: list[dict] = []
+        self._root_mtime: int | None = None
+        self._checked_at = -math.inf
 
-    def items(self) -> list[dict]:
+    def items(self, recheck: bool = True) -> list[dict]:
+        """Every folder's listing. recheck=False (the folder watcher, twice a second) looks at each
+        config only if the root changed (a folder added, removed or renamed) or recheck_every
+        seconds went by: statting thousands of configs twice a second costs a share of a core."""
         if self.root is None:
             return []
+        root_mtime = _mtime(self.root)
+        if not recheck and root_mtime == self._root_mtime and time.monotonic() - self._checked_at < self.recheck_every:
+            return self._items
+        self._root_mtime, self._checked_at = root_mtime, time.monotonic()
         try:
             folders = sorted(p for p in self.root.iterdir() if p.is_dir())[: self.limit]
             stamp = tuple((p.name, _mtime(p / "adapter_config.json")) for p in folders)

@@ -542,7 +542,7 @@ class LoraFleetServer:
         self.metrics.observe_tiers(states.count("resident"), states.count("host_ready"), self._on_disk)
 
     async def _watch_folder(self) -> None:
-        items = await asyncio.to_thread(self.fleet.catalog.items)
+        items = await asyncio.to_thread(self.fleet.catalog.items, False)
         held = set().union(*(s.adapters for s in self.fleet.snapshots()))
         self._on_disk = sum(1 for item in items if item["name"] not in held and not item["error"])
 

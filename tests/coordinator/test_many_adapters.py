@@ -65,3 +65,32 @@ def test_thousand_adapters_through_fifty_slots(tiny_models, adapter_factory, tmp
     assert peak_big[0] > 50
     assert len({tuple(t) for t in got}) > N_ADAPTERS // 2  # the adapters really differ
     shutil.rmtree(root)
+
+
+def test_the_folder_watcher_reads_the_configs_only_when_the_folder_changes(tiny_adapters, tmp_path, monkeypatch):
+    """The watcher (recheck=False, twice a second) looks at 1,000 configs again only when a folder is
+    added, removed or renamed, or once recheck_every has passed; a listing (recheck=True) always does."""
+    from lorafleet.coordinator import adapters as catalog_module
+
+    root = tmp_path / "adapters"
+    for i in range(N_ADAPTERS):
+        shutil.copytree(tiny_adapters["r8_k"], root / f"a{i:04d}")
+    catalog = catalog_module.DiskCatalog(root, recheck_every=3600)
+    stats = []
+    real_mtime = catalog_module._mtime
+    monkeypatch.setattr(catalog_module, "_mtime", lambda path: stats.append(path) or real_mtime(path))
+    assert len(catalog.items(recheck=False)) == N_ADAPTERS and len(stats) == N_ADAPTERS + 1
+    edited = root / "a0007" / "adapter_config.json"
+    edited.write_text(json.dumps({**json.loads(edited.read_text()), "r": 3}))
+    stats.clear()
+    assert catalog.items(recheck=False)[7]["error"] is None  # the root did not change: nothing read again
+    assert stats == [root]
+    assert "says r=3" in catalog.items()[7]["error"]  # a listing reads every config
+    shutil.copytree(root / "a0001", root / "new")
+    stats.clear()
+    assert [item["name"] for item in catalog.items(recheck=False)][-1] == "new"
+    assert len(stats) == N_ADAPTERS + 2
+    catalog.recheck_every = 0
+    stats.clear()
+    catalog.items(recheck=False)
+    assert len(stats) == N_ADAPTERS + 2
