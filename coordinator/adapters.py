@@ -86,6 +86,26 @@ class AdapterTable:
         self.changed: set[str] = set()  # names whose view a snapshot must refresh
         self._clock = 0
         self._reads = 0  # generations are unique in the table, so a report never matches a later entry
+        # kept as states change (_move), so that a read's bookkeeping does not walk thousands of entries
+        self._ready: dict[str, AdapterEntry] = {}  # HOST_READY
+        self._reading: dict[str, AdapterEntry] = {}  # READING
+        self._host_bytes = 0  # of the HOST_READY entries
+        self._largest = 0  # the largest host copy read so far
+
+    def _move(self, entry: AdapterEntry, state: AdapterState) -> None:
+        """Every change of an entry's state goes through here (its info set first when it becomes HOST_READY)."""
+        if entry.state == AdapterState.HOST_READY:
+            self._host_bytes -= entry.info.host_bytes
+        self._ready.pop(entry.name, None)
+        self._reading.pop(entry.name, None)
+        entry.state = state
+        if state == AdapterState.HOST_READY:
+            self._host_bytes += entry.info.host_bytes
+            self._largest = max(self._largest, entry.info.host_bytes)
+            self._ready[entry.name] = entry
+        elif state == AdapterState.READING:
+            self._reading[entry.name] = entry
+        self.changed.add(entry.name)
 
     def get(self, name: str) -> AdapterEntry | None:
         return self.entries.get(name)
@@ -112,7 +132,8 @@ class AdapterTable:
         if entry is None:
             entry = self.entries[name] = AdapterEntry(name, self.root.resolve(name, path))
         if entry.state == AdapterState.FAILED:
-            entry.state, entry.reason = AdapterState.DISK, None
+            self._move(entry, AdapterState.DISK)
+            entry.reason = None
         entry.wanted = entry.state == AdapterState.DISK
         self._touch(entry)
         return entry
@@ -120,8 +141,8 @@ class AdapterTable:
     def start_read(self, name: str) -> tuple[Path, int]:
         entry = self.entries[name]
         self._reads += 1
-        entry.state, entry.generation, entry.wanted = AdapterState.READING, self._reads, False
-        self.changed.add(name)
+        entry.generation, entry.wanted = self._reads, False
+        self._move(entry, AdapterState.READING)
         return entry.folder, entry.generation
 
     def reads_due(self) -> list[str]:
@@ -136,12 +157,13 @@ class AdapterTable:
         entry = self.entries.get(name)
         if entry is None or entry.generation != generation or entry.state != AdapterState.READING:
             return False
-        entry.state, entry.info = AdapterState.HOST_READY, info
         self._touch(entry)
         if info.host_bytes > self.capacity:
             self.read_failed(name, generation, f"it needs {info.host_bytes} bytes of host memory per rank, more than "
                                                f"--host-cache-bytes ({self.capacity}); raise it")
             return False
+        entry.info = info
+        self._move(entry, AdapterState.HOST_READY)
         return True
 
     def read_failed(self, name: str, generation: int, reason: str) -> bool:
@@ -150,46 +172,39 @@ class AdapterTable:
             return False
         if entry.state == AdapterState.UNLOADING:
             return True
-        entry.state, entry.reason, entry.info = AdapterState.FAILED, reason, None
-        self.changed.add(name)
+        self._move(entry, AdapterState.FAILED)
+        entry.reason, entry.info = reason, None
         return True
 
     # ------------------------------------------------------------- host memory
 
     @property
     def host_bytes(self) -> int:
-        return sum(e.info.host_bytes for e in self.entries.values() if e.state == AdapterState.HOST_READY)
+        return self._host_bytes
 
-    def expected_bytes(self, entry: AdapterEntry, largest: int | None = None) -> int:
-        """Host memory a read of entry will take: its size at an earlier read, else the largest read so
-        far (`largest`, when the caller has it already)."""
-        if entry.info:
-            return entry.info.host_bytes
-        return largest if largest is not None else max((e.info.host_bytes for e in self.entries.values() if e.info), default=0)
+    def expected_bytes(self, entry: AdapterEntry) -> int:
+        """Host memory a read of entry will take: its size at an earlier read, else the largest read so far."""
+        return entry.info.host_bytes if entry.info else self._largest
 
     @property
     def reading_bytes(self) -> int:
         """Host memory the reads in flight will take."""
-        reading = [e for e in self.entries.values() if e.state == AdapterState.READING]
-        if not reading:
-            return 0
-        largest = max((e.info.host_bytes for e in self.entries.values() if e.info), default=0)
-        return sum(self.expected_bytes(e, largest) for e in reading)
+        return sum(self.expected_bytes(e) for e in self._reading.values())
 
     def over_capacity(self, keep: str | None = None, need: int = 0) -> list[str]:
         """Host copies to drop, least recently used first, so that the rest and `need` more bytes
         fit: only adapters that no request uses (they leave the pool too)."""
         excess = self.host_bytes + self.reading_bytes + need - self.capacity
+        if excess <= 0:
+            return []
         dropped = []
-        idle = sorted((e for e in self.entries.values()
-                       if e.state == AdapterState.HOST_READY and e.users == 0 and e.name != keep), key=lambda e: e.last_used)
+        idle = sorted((e for e in self._ready.values() if e.users == 0 and e.name != keep), key=lambda e: e.last_used)
         for entry in idle:
             if excess <= 0:
                 break
             excess -= entry.info.host_bytes
-            entry.state = AdapterState.DISK  # known, not wanted until a request comes
+            self._move(entry, AdapterState.DISK)  # known, not wanted until a request comes
             dropped.append(entry.name)
-            self.changed.add(entry.name)
         return dropped
 
     # ------------------------------------------------------------- users
@@ -212,20 +227,22 @@ class AdapterTable:
             raise AdapterNotFound(f"adapter {name!r} is not loaded")
         if entry.state == AdapterState.UNLOADING:
             raise FileExistsError(f"adapter {name!r} is already being unloaded")
-        entry.unloading_from, entry.state = entry.state, AdapterState.UNLOADING
-        self.changed.add(name)
+        entry.unloading_from = entry.state
+        self._move(entry, AdapterState.UNLOADING)
         return entry
 
     def cancel_unload(self, name: str) -> bool:
         """Back to what it was before the unload; False if its host copy is no longer good."""
         entry = self.entries[name]
         kept = entry.unloading_from == AdapterState.HOST_READY
-        entry.state, entry.unloading_from = (AdapterState.HOST_READY if kept else AdapterState.DISK), None
-        self.changed.add(name)
+        self._move(entry, AdapterState.HOST_READY if kept else AdapterState.DISK)
+        entry.unloading_from = None
         return kept
 
     def remove(self, name: str) -> None:
-        self.entries.pop(name, None)
+        entry = self.entries.pop(name, None)
+        if entry is not None:
+            self._move(entry, AdapterState.UNLOADING)  # out of the kept sets; it leaves the table
         self.changed.add(name)
 
 

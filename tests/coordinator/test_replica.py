@@ -73,6 +73,9 @@ def check_snapshot(replica: Replica) -> None:
     worker = set(engine.executor.worker.host_adapters())
     by_state = lambda *states: {n for n, e in table.entries.items() if e.state.value in states}  # noqa: E731
     assert by_state("host_ready") <= worker
+    # the table's running sums (kept as states change) equal a walk over its entries
+    assert table.host_bytes == sum(table.entries[n].info.host_bytes for n in by_state("host_ready"))
+    assert table.reading_bytes == sum(table.expected_bytes(table.entries[n]) for n in by_state("reading"))
     assert worker <= by_state("host_ready", "unloading", "reading") | set(engine._dropped) | set(replica._reading)
 
 
