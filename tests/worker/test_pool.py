@@ -54,3 +54,14 @@ def test_a_large_host_pool_is_eligible_for_huge_pages_where_the_kernel_allows_th
 def test_small_pools_are_plain_tensors():
     pages = host_pages((2, 10, 8), torch.float32)
     assert pages.shape == (2, 10, 8) and not pages.any()
+
+
+def test_writes_land_on_their_pages_in_a_run_or_scattered():
+    pool = PagePool(num_layers=2, num_pages=12, page_dim=4, dtype=torch.bfloat16)
+    packed = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)  # cast on the way in
+    pool.write([5, 6, 7], packed)
+    pool.write([9, 2, 10], packed + 100)
+    expected = torch.zeros(2, 12, 4)
+    expected[:, 5:8] = packed
+    expected[:, [9, 2, 10]] = packed + 100
+    assert torch.equal(pool.pages.float(), expected)
