@@ -162,6 +162,20 @@ async def health_of(channel, service: str = "") -> int:
     return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)).status
 
 
+def test_the_server_shortens_the_gil_switch_interval_while_it_serves(tiny_models, root):
+    from lorafleet.coordinator.server import GIL_SWITCH_S
+
+    before = sys.getswitchinterval()
+    assert before != GIL_SWITCH_S
+
+    async def go():
+        async with served(tiny_models["llama_gqa"], root):
+            return sys.getswitchinterval()
+
+    assert run(go()) == GIL_SWITCH_S
+    assert sys.getswitchinterval() == before
+
+
 def test_malformed_folders_while_serving(tiny_models, root, tmp_path):
     """Folders whose config is not an object, or whose r disagrees with its tensors, appear while
     the server runs: listing shows them as refused with the reason, metrics and health keep working,
