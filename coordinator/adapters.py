@@ -242,7 +242,7 @@ class AdapterTable:
     def remove(self, name: str) -> None:
         entry = self.entries.pop(name, None)
         if entry is not None:
-            self._move(entry, AdapterState.UNLOADING)  # out of the kept sets; it leaves the table
+            self._move(entry, AdapterState.UNLOADING)  # out of the ready and reading sets, and of host_bytes
         self.changed.add(name)
 
 

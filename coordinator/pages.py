@@ -57,10 +57,6 @@ class FreePages:
         self._count -= n
         return pages
 
-    def _check_count(self, n: int) -> None:
-        if n > self._count:
-            raise PageAccountingError(f"{n} pages taken where {self._count} are free")
-
     def extend(self, pages: Iterable[int]) -> None:
         for page in pages:
             if self._marks[page]:
@@ -99,6 +95,10 @@ class FreePages:
             self._marks[page] = 0
         self._count -= n
         return pages
+
+    def _check_count(self, n: int) -> None:
+        if n > self._count:
+            raise PageAccountingError(f"{n} pages taken where {self._count} are free")
 
 
 @dataclass
