@@ -43,8 +43,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["LoraFleet"].full_name
 MAX_MESSAGE = 4 * 2**20  # bytes of one gRPC message either way (the README says so)
 # The replicas' threads let the GIL go at every torch op; a thread that takes it then (the adapter
 # loader checking a file, the event loop) keeps it until it lets go itself or the switch interval
-# (5 ms by default) runs out. 1 ms while serving: bench/serving.py at n = 1000, +1.7%, +3.2% and +4.0%
-# in three pairs of runs against 5 ms (the loader reads about 14 adapters a second there).
+# (5 ms by default) runs out. 1 ms while serving: bench/serving.py's n = 1000 phase, run alternately
+# with each setting, +1.7%, +3.2% and +4.0% in three pairs against 5 ms (the loader reads about 14
+# adapters a second there).
 GIL_SWITCH_S = 0.001
 RETRIES = 2  # times a request whose replica failed before its first token is sent to another one
 
