@@ -94,10 +94,7 @@ class AdapterTable:
 
     def _move(self, entry: AdapterEntry, state: AdapterState) -> None:
         """Every change of an entry's state goes through here (its info set first when it becomes HOST_READY)."""
-        if entry.state == AdapterState.HOST_READY:
-            self._host_bytes -= entry.info.host_bytes
-        self._ready.pop(entry.name, None)
-        self._reading.pop(entry.name, None)
+        self._leave(entry)
         entry.state = state
         if state == AdapterState.HOST_READY:
             self._host_bytes += entry.info.host_bytes
@@ -106,6 +103,13 @@ class AdapterTable:
         elif state == AdapterState.READING:
             self._reading[entry.name] = entry
         self.changed.add(entry.name)
+
+    def _leave(self, entry: AdapterEntry) -> None:
+        """Out of the ready and reading sets and the host bytes, as its state is about to change or it leaves the table."""
+        if entry.state == AdapterState.HOST_READY:
+            self._host_bytes -= entry.info.host_bytes
+        self._ready.pop(entry.name, None)
+        self._reading.pop(entry.name, None)
 
     def get(self, name: str) -> AdapterEntry | None:
         return self.entries.get(name)
@@ -242,7 +246,7 @@ class AdapterTable:
     def remove(self, name: str) -> None:
         entry = self.entries.pop(name, None)
         if entry is not None:
-            self._move(entry, AdapterState.UNLOADING)  # out of the ready and reading sets, and of host_bytes
+            self._leave(entry)
         self.changed.add(name)
 
 
