@@ -41,7 +41,9 @@ static inline __mmask32 lanes_mask(int64_t n) {
     return n <= 0 ? (__mmask32)0 : n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1u);
 }
 /* the low n lanes of a 16-lane mask: none for n <= 0, all for n >= 16 */
-static inline __mmask16 lanes_mask16(int64_t n) { return n <= 0 ? (__mmask16)0 : n >= 16 ? (__mmask16)0xffffu : (__mmask16)((1u << n) - 1u); }
+static inline __mmask16 lanes_mask16(int64_t n) {
+    return n <= 0 ? (__mmask16)0 : n >= 16 ? (__mmask16)0xffffu : (__mmask16)((1u << n) - 1u);
+}
 #endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__) && !defined(LORAFLEET_NO_NATIVE_BF16)
