@@ -6,8 +6,11 @@ import math
 import os
 import re
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import xxhash
@@ -73,40 +76,29 @@ class LoraWeights:
         return max(self.ranks.values())
 
 
-
 def read_adapter(name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -> LoraWeights:
-    """Reads and checks a PEFT folder. Raises AdapterError; never unpickles anything."""
+    """Reads and checks a PEFT folder. Raises AdapterError; never unpickles anything.
+
+    What the header and the config say is checked once for all files that share them (the
+    adapters of one training recipe do: same tensors, shapes and offsets) and kept in `_LAYOUTS`;
+    what the bytes say (finite weights, the version) is checked on every read.
+    """
     path = Path(path)
     config = read_config(name, path)
-    tensors, spans = _read_tensors(name, path)
-    version = xxhash.xxh3_128(json.dumps(config, sort_keys=True).encode())
-    version.update(repr(sorted((key, tuple(t.shape), t.dtype) for key, t in tensors.items())).encode())
-    version.update(memoryview(spans.data.numpy()))
-    pairs = _pair_tensors(name, tensors, cfg)
+    config_key = json.dumps(config, sort_keys=True)
+    header, data = _read_file(name, path)
+    layout = _LAYOUTS.get(name, header, data.numel(), config, config_key, cfg, max_rank)
+    buffer = _Buffer(data)
+    weights = {lt: (buffer.view(a), buffer.view(b)) for lt, (a, b) in layout.pairs.items()}
     # one pass over all the weights; only if it fails is each pair checked, to name the one at fault
-    finite = spans.all_finite()
-    ranks: dict[str, int] = {}
-    scales: dict[str, float] = {}
-    weights = {}
-    for (layer, target), (a, b) in sorted(pairs.items()):
-        r = _check_pair(name, layer, target, a, b, cfg, max_rank, check_finite=not finite)
-        module = f"model.layers.{layer}.{_MODULE[target]}.{target}"
-        declared = _pattern_value(config.get("rank_pattern"), module, config.get("r"))
-        if declared is not None and r != declared:  # PEFT builds r-sized layers and refuses the file
-            raise AdapterError(name, f"adapter_config.json says r={declared:g} for {target} but its tensors in layer {layer} have rank {r}")
-        scale = _scale(config, module, r)
-        if target in scales and scales[target] != scale:
-            raise AdapterError(name, f"{target} has different scales in different layers; per-layer rank_pattern/alpha_pattern is not supported")
-        scales[target] = scale
-        ranks[target] = max(ranks.get(target, 0), r)
-        weights[(layer, target)] = (a, b)
-    if not weights:
-        raise AdapterError(name, "adapter_model.safetensors holds no LoRA weights")
-    # Zero-padding a smaller rank keeps the product exact but changes alpha/r: refuse mixed ranks per target.
-    for (layer, target), (a, _) in weights.items():
-        if a.shape[0] != ranks[target]:
-            raise AdapterError(name, f"{target} has rank {a.shape[0]} in layer {layer} but {ranks[target]} elsewhere; per-layer ranks are not supported")
-    return LoraWeights(name, ranks, scales, weights, version.hexdigest())
+    if not buffer.all_finite(layout.float_ranges):
+        for (layer, target), (a, b) in weights.items():
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise AdapterError(name, f"layer {layer} {target}: weights contain NaN or Inf")
+    version = xxhash.xxh3_128(config_key.encode())
+    version.update(layout.described)
+    version.update(memoryview(data.numpy()))
+    return LoraWeights(name, dict(layout.ranks), dict(layout.scales), weights, version.hexdigest())
 
 
 def read_config(name: str, path: Path) -> dict:
@@ -158,7 +150,7 @@ def check_folder(name: str, path: Path) -> dict:
     config = read_config(name, path)
     st = path / "adapter_model.safetensors"
     if not st.is_file():
-        _read_tensors(name, path)  # raises with the reason (missing, or pickled)
+        _read_file(name, path)  # raises with the reason (missing, or pickled)
     try:
         with open(st, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -180,8 +172,9 @@ def check_folder(name: str, path: Path) -> dict:
     return config
 
 
-def _read_tensors(name: str, path: Path) -> tuple[dict[str, torch.Tensor], "_Spans"]:
-    """Every tensor of adapter_model.safetensors, as views into one buffer read in one call."""
+def _read_file(name: str, path: Path) -> tuple[bytes, torch.Tensor]:
+    """adapter_model.safetensors as the bytes of its JSON header and its data, read in one call into
+    one buffer (a few hundred get_tensor calls on an mmap cost several times more)."""
     st = path / "adapter_model.safetensors"
     if not st.is_file():
         pickled = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
@@ -189,33 +182,125 @@ def _read_tensors(name: str, path: Path) -> tuple[dict[str, torch.Tensor], "_Spa
             raise AdapterError(name, f"{pickled[0]} is pickled; lorafleet never unpickles weights. Re-save it with safetensors (save_pretrained(safe_serialization=True))")
         raise AdapterError(name, "adapter_model.safetensors is missing")
     try:
-        return _parse_safetensors(st)
-    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
+        with open(st, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("the file is shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"header length {n} does not fit the file of {size} bytes")
+            header = f.read(n)
+            data = torch.empty(size - 8 - n, dtype=torch.uint8)
+            if data.numel() and f.readinto(memoryview(data.numpy())) != data.numel():
+                raise ValueError("the file ended early")
+    except (ValueError, OSError) as e:
         raise AdapterError(name, f"adapter_model.safetensors cannot be read ({e})") from e
+    return header, data
 
 
-def _parse_safetensors(st: Path) -> tuple[dict[str, torch.Tensor], "_Spans"]:
-    """The safetensors format (8-byte header length, JSON header, data), checked field by field.
+class _Tensor(NamedTuple):
+    """One tensor of a safetensors file: where its bytes lie in the data."""
 
-    One read into one buffer and a view per tensor: a few hundred get_tensor calls on an
-    mmap cost several times more. Nothing is executed or unpickled.
-    """
-    with open(st, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("the file is shorter than its 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise ValueError(f"header length {n} does not fit the file of {size} bytes")
-        header = json.loads(f.read(n))
-        data = torch.empty(size - 8 - n, dtype=torch.uint8)
-        if data.numel() and f.readinto(memoryview(data.numpy())) != data.numel():
-            raise ValueError("the file ended early")
-    if not isinstance(header, dict):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a safetensors header and an adapter config say, checked against the base model."""
+
+    pairs: dict[tuple[int, str], tuple[_Tensor, _Tensor]]  # (layer, target) -> (A, B)
+    ranks: dict[str, int]
+    scales: dict[str, float]
+    float_ranges: tuple[tuple[torch.dtype, int, int], ...]  # the bytes of the floating-point tensors, adjacent ones joined
+    described: bytes  # the tensors' names, shapes and dtypes, for the version
+
+
+class _Layouts:
+    """The checked layouts of the last few distinct (header, data size, config) a store read.
+
+    Thread-safe (loader threads); a check that fails raises, naming the adapter, and keeps nothing."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._items: OrderedDict[tuple, _Layout] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str, header: bytes, data_size: int, config: dict, config_key: str,
+            cfg: ModelConfig, max_rank: int) -> _Layout:
+        key = (header, data_size, config_key, cfg, max_rank)
+        with self._lock:
+            layout = self._items.get(key)
+            if layout is not None:
+                self._items.move_to_end(key)
+                return layout
+        layout = _check_layout(name, header, data_size, config, cfg, max_rank)
+        with self._lock:
+            self._items[key] = layout
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return layout
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_LAYOUTS = _Layouts()
+
+
+def _check_layout(name: str, header: bytes, data_size: int, config: dict, cfg: ModelConfig, max_rank: int) -> _Layout:
+    try:
+        tensors = _parse_header(header, data_size)
+    except (ValueError, KeyError, TypeError) as e:
+        raise AdapterError(name, f"adapter_model.safetensors cannot be read ({e})") from e
+    pairs = _pair_tensors(name, tensors, cfg)
+    ranks: dict[str, int] = {}
+    scales: dict[str, float] = {}
+    checked = {}
+    for (layer, target), (a, b) in sorted(pairs.items()):
+        r = _check_pair(name, layer, target, a, b, cfg, max_rank)
+        module = f"model.layers.{layer}.{_MODULE[target]}.{target}"
+        declared = _pattern_value(config.get("rank_pattern"), module, config.get("r"))
+        if declared is not None and r != declared:  # PEFT builds r-sized layers and refuses the file
+            raise AdapterError(name, f"adapter_config.json says r={declared:g} for {target} but its tensors in layer {layer} have rank {r}")
+        scale = _scale(config, module, r)
+        if target in scales and scales[target] != scale:
+            raise AdapterError(name, f"{target} has different scales in different layers; per-layer rank_pattern/alpha_pattern is not supported")
+        scales[target] = scale
+        ranks[target] = max(ranks.get(target, 0), r)
+        checked[(layer, target)] = (a, b)
+    if not checked:
+        raise AdapterError(name, "adapter_model.safetensors holds no LoRA weights")
+    # Zero-padding a smaller rank keeps the product exact but changes alpha/r: refuse mixed ranks per target.
+    for (layer, target), (a, _) in checked.items():
+        if a.shape[0] != ranks[target]:
+            raise AdapterError(name, f"{target} has rank {a.shape[0]} in layer {layer} but {ranks[target]} elsewhere; per-layer ranks are not supported")
+    floats = sorted((str(t.dtype), t.begin, t.end, t.dtype) for t in tensors.values() if t.dtype.is_floating_point)
+    float_ranges: list[list] = []
+    for _, begin, end, dtype in floats:
+        if float_ranges and float_ranges[-1][0] == dtype and float_ranges[-1][2] == begin:
+            float_ranges[-1][2] = end
+        else:
+            float_ranges.append([dtype, begin, end])
+    described = repr(sorted((key, t.shape, t.dtype) for key, t in tensors.items())).encode()
+    return _Layout(checked, ranks, scales, tuple(map(tuple, float_ranges)), described)
+
+
+def _parse_header(header: bytes, data_size: int) -> dict[str, _Tensor]:
+    """The safetensors header (JSON), checked field by field against data of data_size bytes.
+    Nothing is executed or unpickled."""
+    meta_of = json.loads(header)
+    if not isinstance(meta_of, dict):
         raise ValueError("the header is not a JSON object")
-    tensors, spans = {}, _Spans(data)
-    for key, meta in header.items():
+    tensors = {}
+    for key, meta in meta_of.items():
         if key == "__metadata__":
             continue
         if not isinstance(meta, dict) or meta.get("dtype") not in _ST_DTYPES:
@@ -224,26 +309,24 @@ def _parse_safetensors(st: Path) -> tuple[dict[str, torch.Tensor], "_Spans"]:
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise ValueError(f"tensor {key!r} has a bad shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data.numel()):
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
             raise ValueError(f"tensor {key!r} has bad data_offsets {offsets!r}")
         begin, end = offsets
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"tensor {key!r}: {end - begin} bytes for shape {shape} of {meta['dtype']}")
-        tensors[key] = spans.add(dtype, begin, end).view(shape)
-    return tensors, spans
+        tensors[key] = _Tensor(dtype, tuple(shape), begin, end)
+    return tensors
 
 
-class _Spans:
-    """The byte ranges of one buffer that hold tensors, by dtype: lets one reduction check them all."""
+class _Buffer:
+    """A file's data, seen as tensors."""
 
     def __init__(self, data: torch.Tensor):
         self.data = data
-        self.ranges: dict[torch.dtype, list[tuple[int, int]]] = {}
         self._typed: dict[torch.dtype, torch.Tensor] = {}  # the whole buffer seen as each dtype
 
-    def add(self, dtype: torch.dtype, begin: int, end: int) -> torch.Tensor:
-        self.ranges.setdefault(dtype, []).append((begin, end))
-        return self.flat(dtype, begin, end)
+    def view(self, t: _Tensor) -> torch.Tensor:
+        return self.flat(t.dtype, t.begin, t.end).view(t.shape)
 
     def flat(self, dtype: torch.dtype, begin: int, end: int) -> torch.Tensor:
         """The bytes [begin, end) as a flat tensor of dtype: a view, or a copy if they are misaligned for it."""
@@ -255,31 +338,18 @@ class _Spans:
             typed = self._typed[dtype] = self.data[:self.data.numel() // size * size].view(dtype)
         return typed[begin // size:end // size]
 
-    def all_finite(self) -> bool:
-        """True if every floating-point tensor is finite. A NaN or Inf makes a sum NaN or Inf;
-        a False can also be an overflowing sum of finite values, so False only means: check each."""
-        for dtype, ranges in self.ranges.items():
-            if not dtype.is_floating_point:
-                continue
+    def all_finite(self, ranges) -> bool:
+        """True if every value in the (dtype, begin, end) ranges is finite. A NaN or Inf makes a sum
+        NaN or Inf; a False can also be an overflowing sum of finite values, so False only means:
+        check each."""
+        for dtype, begin, end in ranges:
             acc = torch.float64 if dtype == torch.float64 else torch.float32
-            for begin, end in _merged(ranges):
-                if not math.isfinite(self.flat(dtype, begin, end).sum(dtype=acc).item()):
-                    return False
+            if not math.isfinite(self.flat(dtype, begin, end).sum(dtype=acc).item()):
+                return False
         return True
 
 
-def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Adjacent byte ranges joined (a file's tensors of one dtype are usually one run)."""
-    out: list[list[int]] = []
-    for begin, end in sorted(ranges):
-        if out and begin == out[-1][1]:
-            out[-1][1] = end
-        else:
-            out.append([begin, end])
-    return [(b, e) for b, e in out]
-
-
-def _pair_tensors(name: str, tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict:
+def _pair_tensors(name: str, tensors: dict[str, _Tensor], cfg: ModelConfig) -> dict:
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if "lora_embedding" in key or "embed_tokens" in key:
@@ -303,20 +373,18 @@ def _pair_tensors(name: str, tensors: dict[str, torch.Tensor], cfg: ModelConfig)
     return {k: (v["A"], v["B"]) for k, v in pairs.items()}
 
 
-def _check_pair(name, layer, target, a, b, cfg: ModelConfig, max_rank: int, check_finite: bool = True) -> int:
+def _check_pair(name, layer, target, a: _Tensor, b: _Tensor, cfg: ModelConfig, max_rank: int) -> int:
     out_f, in_f = target_shape(cfg, target)
     where = f"layer {layer} {target}"
-    if a.dim() != 2 or b.dim() != 2:
+    if len(a.shape) != 2 or len(b.shape) != 2:
         raise AdapterError(name, f"{where}: LoRA weights must be 2-D matrices")
     r = a.shape[0]
     if r < 1 or r > max_rank:
         raise AdapterError(name, f"rank {r} is above the server's maximum of {max_rank} (--max-lora-rank)")
     if a.shape != (r, in_f) or b.shape != (out_f, r):
-        raise AdapterError(name, f"{where}: shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not match the base model (expected A ({r}, {in_f}), B ({out_f}, {r})); was it trained for another model?")
-    if not a.is_floating_point() or not b.is_floating_point():
+        raise AdapterError(name, f"{where}: shapes A {a.shape}, B {b.shape} do not match the base model (expected A ({r}, {in_f}), B ({out_f}, {r})); was it trained for another model?")
+    if not a.dtype.is_floating_point or not b.dtype.is_floating_point:
         raise AdapterError(name, f"{where}: weights must be floating point, got {a.dtype}")
-    if check_finite and not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise AdapterError(name, f"{where}: weights contain NaN or Inf")
     return r
 
 

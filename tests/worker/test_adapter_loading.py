@@ -205,3 +205,53 @@ def test_host_memory_is_least_recently_used_out(tiny_models, same_size_adapters)
     assert engine.adapters.host_bytes <= 2 * size + size // 2
     engine.shutdown()
 
+
+
+def test_files_of_one_layout_share_its_checks_not_their_values(tiny_models, tiny_adapters, tmp_path):
+    """What a header and a config say is checked once (`_LAYOUTS`); each file's values, size and
+    config are still its own: its weights and version, a NaN in it, a config that disagrees, a cut."""
+    import json
+
+    from lorafleet.worker import adapters
+
+    cfg = ModelConfig.from_dir(tiny_models["llama_gqa"])
+    adapters._LAYOUTS.clear()
+
+    def scaled(factor):
+        def change(tensors):
+            for t in tensors.values():
+                t.mul_(factor)
+        return change
+
+    folders = [_rewrite(tiny_adapters["r3_attn"], tmp_path / f"x{i}", scaled(-2.0 * (i + 1))) for i in range(3)]
+    loras = [read_adapter(f"x{i}", folder, cfg, max_rank=256) for i, folder in enumerate(folders)]
+    assert len(adapters._LAYOUTS) == 1, "three files with one header and config were checked as three layouts"
+    assert len({lora.version for lora in loras}) == 3
+    for folder, lora in zip(folders, loras):
+        tensors = load_file(folder / "adapter_model.safetensors")
+        prefix = "base_model.model.model.layers.{}.self_attn.{}"
+        for (layer, target), (a, b) in lora.weights.items():
+            assert torch.equal(a, tensors[prefix.format(layer, target) + ".lora_A.weight"])
+            assert torch.equal(b, tensors[prefix.format(layer, target) + ".lora_B.weight"])
+
+    def poison(tensors):
+        tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][1, 2] = float("nan")
+
+    nan = _rewrite(folders[0], tmp_path / "nan", poison)
+    with pytest.raises(AdapterError, match=r"adapter 'nan': layer 0 q_proj: weights contain NaN or Inf"):
+        read_adapter("nan", nan, cfg, max_rank=256)
+
+    config = json.loads((folders[0] / "adapter_config.json").read_text())
+    alpha = tmp_path / "alpha"
+    shutil.copytree(folders[0], alpha)
+    (alpha / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 3 * config["lora_alpha"]}))
+    assert read_adapter("alpha", alpha, cfg, max_rank=256).scales["q_proj"] == pytest.approx(3 * loras[0].scales["q_proj"])
+    (alpha / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] + 1}))
+    with pytest.raises(AdapterError, match=r"adapter 'alpha': adapter_config.json says r=4 for \w+ but its tensors"):
+        read_adapter("alpha", alpha, cfg, max_rank=256)
+
+    st = folders[1] / "adapter_model.safetensors"
+    st.write_bytes(st.read_bytes()[:-4])
+    with pytest.raises(AdapterError, match=r"adapter 'x1': adapter_model.safetensors cannot be read"):
+        read_adapter("x1", folders[1], cfg, max_rank=256)
+    assert read_adapter("x0", folders[0], cfg, max_rank=256).version == loras[0].version
