@@ -852,6 +852,9 @@ static inline void expand_one_token(const bf16 *bt, int64_t width, int64_t out, 
     }
 }
 
+/* The next segment for the calling thread (segments past the last mean: none left). */
+static inline int64_t claim(int64_t *claimed) { return __atomic_fetch_add(claimed, 1, __ATOMIC_RELAXED); }
+
 /* Tokens per pass over B_g^T in the expand: their float32 accumulators (16 x out) stay in L2. */
 #define EXPAND_TOKENS 16
 
@@ -870,8 +873,10 @@ void lora_expand_bf16(
         if (o < 16) first_idx[o] = from; else second_idx[o - 16] = from;
     }
     const __m512i idx0 = _mm512_loadu_si512(first_idx), idx1 = _mm512_loadu_si512(second_idx);
-    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) if(threads > 1 && num_segs > 1)")
-    for (int64_t k = 0; k < num_segs; k++) {
+    int64_t claimed = 0; /* segments handed out in order, one to each thread that asks: a dynamic schedule */
+    _Pragma("omp parallel num_threads(threads) if(threads > 1 && num_segs > 1)")
+    for (int64_t k = claim(&claimed), k_next; k < num_segs; k = k_next) {
+        k_next = claim(&claimed); /* this thread's next segment, claimed before it starts k: it prefetches for it */
         const int64_t a = seg_adapter[k], first = seg_start[k], n_all = seg_start[k + 1] - first;
         if (n_all >= tile_tokens) {
             const int tiles = LORAFLEET_AMX && amx_ready;
@@ -909,14 +914,13 @@ void lora_expand_bf16(
                     if (width % 2) vi[width] = 0;
                 }
                 if (flat && n == 1) { /* one token: its sums stay in registers, and overwrite acc */
-                    /* ask now for all of the B^T expanded next: this adapter's next target, or with one thread
-                     * (which takes the segments in order) the next segment's first. One token reads too little
-                     * of a target for the hardware prefetcher to get going: 3.3 -> 2.5 ms at 1 thread
-                     * (bench/kernels.py --from-memory); with 2 the next segment may be the other thread's,
-                     * and it made no difference */
+                    /* ask now for all of the B^T expanded next: this adapter's next target, or the first of
+                     * this thread's next segment. One token reads too little of a target for the hardware
+                     * prefetcher to get going (bench/kernels.py --from-memory): 3.3 -> 2.5 ms at 1 thread; at
+                     * 2, across segments (each thread's next one claimed ahead), 2.01 -> 1.69 ms */
                     int64_t a2 = a, g2 = g + 1;
-                    if (g2 == num_targets && k + 1 < num_segs && threads == 1) {
-                        a2 = seg_adapter[k + 1];
+                    if (g2 == num_targets && k_next < num_segs) {
+                        a2 = seg_adapter[k_next];
                         g2 = 0;
                     }
                     const int64_t r2 = g2 < num_targets ? rank[a2 * num_targets + g2] : 0;

@@ -161,6 +161,19 @@ def test_two_threads_give_the_one_thread_result(make_lora_case):
     assert_matches_reference(make_lora_case([[8, 16, 4]] * 3 + [[64, 0, 2]] * 3, tokens, seed=2), threads=2)
 
 
+def test_bfloat16_decode_segments_claimed_by_two_threads(make_lora_case, bf16_library):
+    """Two threads take a decode step's one-token segments (adapters in runs) as each finishes one,
+    claiming its next before it starts, to prefetch that one's B: every segment is shrunk and expanded
+    once, by one thread (one taken twice would add its delta twice, one skipped none)."""
+    gen = torch.Generator().manual_seed(4)
+    ranks = [[8, 16, 4], [16, 8, 0], [4, 4, 4], [0, 8, 16], [1, 3, 2]] * 7
+    tokens = torch.randperm(len(ranks), generator=gen).tolist() + [-1, 5, 17, 17]
+    case = make_lora_case(ranks, tokens, in_dim=45, out_dims=(33, 231, 64), page_dim=13, dtype=torch.bfloat16,
+                          seed=9, runs=True)
+    for _ in range(3):
+        assert_matches_reference(case, threads=2)
+
+
 def test_base_only_tokens_get_nothing(make_lora_case):
     case = make_lora_case([[8, 8, 8]], [-1] * 5)
     s = cpu.shrink(case.x, case.pool, case.batch, case.group)
