@@ -391,15 +391,17 @@ def from_memory_table(args, dtype: torch.dtype, layers: int = 30, adapters: int 
 
     A decode step's q+k+v LoRA as the engine runs it: one token for each of 64 adapters (ranks 8/16), in
     each of 30 layers with its own pool, so the weights (what the step reads) come from memory, not
-    cache; adapters in runs of pages (flat reads) and in scattered pages (walked page by page)."""
+    cache; adapters in runs of pages (flat reads) and in scattered pages (walked page by page). Two
+    bounds to read them against: the same in runs with one layer's pool for all 30 (4 MB, in cache),
+    and the rate at which this machine streams memory (torch's sum of 512 MB, the same threads)."""
     print(f"\ndecode: one token for each of {adapters} adapters (ranks 8/16), q+k+v, {layers} layers' own pools, {dtype}, "
           f"{torch.get_num_threads()} thread(s); ms per step (all layers), median of {args.repeats}")
     results = {}
-    for placement in ("runs", "scattered"):
+    for placement in ("runs", "scattered", "in cache"):
         steps = [build_step(adapters, adapters, seed=layer, dtype=dtype, ranks=(8, 16), shuffle=False)
-                 for layer in range(layers)]
-        if placement == "runs":
-            steps = [in_runs(*step) for step in steps]
+                 for layer in range(1 if placement == "in cache" else layers)]
+        if placement != "scattered":
+            steps = [in_runs(*step) for step in steps] * (layers // len(steps))
         one_layer(steps)  # each step's metadata, built once as in the engine
         shrink, expand = [], []
         for _ in range(args.repeats):
@@ -417,6 +419,15 @@ def from_memory_table(args, dtype: torch.dtype, layers: int = 30, adapters: int 
         total = results[placement]["shrink"] + results[placement]["expand"]
         print(f"  {placement:>9}: shrink {results[placement]['shrink']:.2f} ms, expand {results[placement]['expand']:.2f} ms; "
               f"{weights / 1e6:.0f} MB of pools at {weights / total / 1e6:.1f} GB/s")
+    stream = torch.ones(128 * 2**20, dtype=torch.float32)
+    rates = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        stream.sum()
+        rates.append(stream.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    results["streaming GB/s"] = statistics.median(rates)
+    print(f"  this machine streams {results['streaming GB/s']:.1f} GB/s (torch's sum of 512 MB of float32, "
+          f"{torch.get_num_threads()} thread(s), median of {args.repeats})")
     return results
 
 
