@@ -6,6 +6,13 @@ sequences x 4096 tokens).
     .venv/bin/python bench/host_overhead.py [--seqs 256] [--contexts 512,1024,2048,4096] [--adapters 128]
 
 It prints the median ms per decode step and its parts, for each context length.
+
+    .venv/bin/python bench/host_overhead.py --adapter-reads FOLDER --model MODEL [--reads 200]
+
+instead times the loader's host work: reading, checking and packing one adapter (AdapterStore.read,
+bfloat16, one thread) from a folder of PEFT adapters, with the checked header layouts kept (as a
+server runs) and cleared before every read (each read then checks its header and config), the two
+alternated, the files already in the page cache.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -73,14 +81,50 @@ def measure(seqs: int, context: int, adapters: int, steps: int) -> dict[str, flo
     return result
 
 
+def adapter_reads(model: str, folder: str, reads: int, rounds: int) -> dict[str, float]:
+    """Median ms per adapter read, {"kept": ..., "cleared": ...} (see the module's docstring)."""
+    from lorafleet.worker import adapters
+    from lorafleet.worker.adapter_store import AdapterStore
+
+    cfg = ModelConfig.from_dir(model)
+    store = AdapterStore(cfg, Shard(), 2 * cfg.kv_size, torch.bfloat16, max_rank=256)
+    paths = sorted(p for p in Path(folder).iterdir() if (p / "adapter_config.json").is_file())[:reads]
+    if not paths:
+        raise SystemExit(f"{folder} holds no PEFT adapter folders")
+    for path in paths:  # into the page cache
+        store.read(path.name, path)
+    times: dict[str, list[float]] = {"kept": [], "cleared": []}
+    for _ in range(rounds):
+        for how, samples in times.items():
+            start = time.perf_counter()
+            for path in paths:
+                if how == "cleared":
+                    adapters._LAYOUTS.clear()
+                store.read(path.name, path)
+            samples.append((time.perf_counter() - start) / len(paths) * 1e3)
+    return {how: statistics.median(samples) for how, samples in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqs", type=int, default=256)
     p.add_argument("--contexts", default="512,1024,2048,4096")
     p.add_argument("--adapters", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--adapter-reads", metavar="FOLDER", help="time adapter reads from this folder instead")
+    p.add_argument("--model", help="the base model of --adapter-reads")
+    p.add_argument("--reads", type=int, default=200, help="adapters read per round (--adapter-reads)")
+    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.adapter_reads:
+        if not args.model:
+            p.error("--adapter-reads needs --model")
+        r = adapter_reads(args.model, args.adapter_reads, args.reads, args.rounds)
+        print(f"one adapter read, checked and packed (bfloat16, 1 thread), ms, medians of {args.rounds} rounds of "
+              f"{args.reads} reads: layouts kept {r['kept']:.2f}, cleared before every read {r['cleared']:.2f} "
+              f"({r['cleared'] / r['kept']:.2f}x)")
+        return 0
     contexts = [int(c) for c in args.contexts.split(",")]
     print(f"host work per decode step, {args.seqs} sequences, {args.adapters} distinct adapters, Llama-2-7B shapes, "
           f"1 thread; medians of {args.steps} steps (ms)")
