@@ -256,6 +256,8 @@ _LAYOUTS = _Layouts()
 
 
 def _check_layout(name: str, header: bytes, data_size: int, config: dict, cfg: ModelConfig, max_rank: int) -> _Layout:
+    """Every check of what a header and a config say: tensors, pairs, shapes, ranks and scales.
+    Raises AdapterError naming `name`."""
     try:
         tensors = _parse_header(header, data_size)
     except (ValueError, KeyError, TypeError) as e:
