@@ -162,9 +162,9 @@ def test_two_threads_give_the_one_thread_result(make_lora_case):
 
 
 def test_bfloat16_decode_segments_claimed_by_two_threads(make_lora_case, bf16_library):
-    """Two threads take a decode step's one-token segments (adapters in runs) as each finishes one,
-    claiming its next before it starts, to prefetch that one's B: every segment is shrunk and expanded
-    once, by one thread (one taken twice would add its delta twice, one skipped none)."""
+    """In the expand, two threads take a decode step's one-token segments (adapters in runs) as each
+    finishes one, claiming its next before it starts, to prefetch that one's B: every segment is
+    expanded once, by one thread (one taken twice would add its delta twice, one skipped none)."""
     gen = torch.Generator().manual_seed(4)
     ranks = [[8, 16, 4], [16, 8, 0], [4, 4, 4], [0, 8, 16], [1, 3, 2]] * 7
     tokens = torch.randperm(len(ranks), generator=gen).tolist() + [-1, 5, 17, 17]

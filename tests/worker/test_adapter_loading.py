@@ -2,6 +2,7 @@
 worker's adapter store, which reads only when the coordinator asks and never inside a step."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafleet.coordinator.adapters import AdapterState
 from lorafleet.coordinator.sequence import Request
+from lorafleet.worker import adapters
 from lorafleet.worker.adapters import AdapterError, read_adapter
 from lorafleet.worker.config import ModelConfig
 from lorafleet.worker.loader import Shard
@@ -206,14 +208,9 @@ def test_host_memory_is_least_recently_used_out(tiny_models, same_size_adapters)
     engine.shutdown()
 
 
-
 def test_files_of_one_layout_share_its_checks_not_their_values(tiny_models, tiny_adapters, tmp_path):
     """What a header and a config say is checked once (`_LAYOUTS`); each file's values, size and
     config are still its own: its weights and version, a NaN in it, a config that disagrees, a cut."""
-    import json
-
-    from lorafleet.worker import adapters
-
     cfg = ModelConfig.from_dir(tiny_models["llama_gqa"])
     adapters._LAYOUTS.clear()
 
