@@ -19,6 +19,7 @@ from .worker import Worker, check_divisible
 log = logging.getLogger(__name__)
 
 RELEASE_WAIT_S = 15.0  # how long a new replica waits for a shut-down one's Ray resources to come back
+DEATH_WAIT_S = 2.0  # how long a failed call waits for the other ranks' calls to say whether one died
 
 
 class WorkerDied(RuntimeError):
@@ -174,14 +175,36 @@ class RayWorkerGroup:
             raise
 
     def call_all(self, method: str, *args, timeout: float | None = None) -> list:
-        """method(*args) on every rank; raises WorkerDied or StepTimeout (never a Ray dump)."""
+        """method(*args) on every rank; raises WorkerDied or StepTimeout (never a Ray dump).
+
+        When a rank dies in a step, the others fail in their next collective (gloo: "connection reset
+        by peer"), and that error can come back first: a call that fails is reported as a death when
+        another rank's call ends in its actor's death within DEATH_WAIT_S."""
         ray = self._ray
+        refs = [a.call.remote(method, *args) for a in self.actors]
         try:
-            return ray.get([a.call.remote(method, *args) for a in self.actors], timeout=timeout)
+            return ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             raise StepTimeout(f"{method} did not return within {timeout:g} s") from None
         except ray.exceptions.RayActorError:
             raise WorkerDied(f"a worker process died during {method}") from None
+        except Exception:
+            if self._a_rank_died(refs):
+                raise WorkerDied(f"a worker process died during {method}") from None
+            raise
+
+    def _a_rank_died(self, refs: list) -> bool:
+        """Whether one of these calls ends in its actor's death, waiting at most DEATH_WAIT_S for them."""
+        ray = self._ray
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=DEATH_WAIT_S)
+        for ref in ready:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError:
+                return True
+            except Exception:  # noqa: BLE001 - a rank's own error is not a death
+                pass
+        return False
 
     def dead_ranks(self) -> list[int]:
         """Ranks whose process is gone, from pings that never wait behind a step; no waiting here."""

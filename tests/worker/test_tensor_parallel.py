@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import threading
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -16,7 +17,7 @@ from peers import peft_greedy
 
 from lorafleet.coordinator.config import EngineConfig
 from lorafleet.coordinator.engine import Engine
-from lorafleet.worker.executor import init_ray
+from lorafleet.worker.executor import RayWorkerGroup, WorkerDied, init_ray
 
 pytestmark = pytest.mark.slow
 
@@ -167,6 +168,57 @@ def test_a_replica_waits_for_the_ray_cpus_a_shut_down_one_is_releasing(tp_setup)
         engine.shutdown()
     finally:
         releaser.join(timeout=10)
+
+
+class _Call:
+    """A finished call of a fake actor: its value, or the error Ray would raise for it."""
+
+    def __init__(self, value=None, error: Exception | None = None):
+        self.value, self.error = value, error
+
+
+class _Actor:
+    """A rank whose `call.remote(...)` returns the call it was given."""
+
+    def __init__(self, call: _Call):
+        self.call = SimpleNamespace(remote=lambda *args: call)
+
+
+class _FakeRay:
+    """As much of Ray as RayWorkerGroup.call_all uses, over calls that have already ended."""
+
+    exceptions = ray.exceptions
+
+    def get(self, refs, timeout=None):
+        if not isinstance(refs, list):
+            return self.get([refs])[0]
+        for ref in refs:  # as ray.get: the first failed object in list order raises
+            if ref.error is not None:
+                raise ref.error
+        return [ref.value for ref in refs]
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return list(refs), []
+
+
+def _group(calls: list[_Call]) -> RayWorkerGroup:
+    group = object.__new__(RayWorkerGroup)  # no Ray started: only call_all is used
+    group._ray, group.actors = _FakeRay(), [_Actor(call) for call in calls]
+    return group
+
+
+def test_a_killed_rank_is_reported_as_a_death_even_when_its_peer_fails_first():
+    """A rank killed in a step fails its peer's collective too (gloo: connection reset by peer); Ray
+    may raise the peer's task error first. The step still ends in WorkerDied; a failure without a
+    death is raised as it is."""
+    reset = ray.exceptions.RayTaskError("call", "traceback", RuntimeError("Connection reset by peer"))
+    with pytest.raises(WorkerDied, match="a worker process died during execute"):
+        _group([_Call(error=reset), _Call(error=ray.exceptions.ActorDiedError())]).call_all("execute")
+    with pytest.raises(WorkerDied):
+        _group([_Call(1), _Call(error=ray.exceptions.ActorDiedError())]).call_all("execute")
+    with pytest.raises(ray.exceptions.RayTaskError):
+        _group([_Call(error=reset), _Call(2)]).call_all("execute")
+    assert _group([_Call(1), _Call(2)]).call_all("execute") == [1, 2]
 
 
 def test_group_leaves_nothing_behind(tiny_models):
