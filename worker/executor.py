@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -19,6 +20,7 @@ from .worker import Worker, check_divisible
 log = logging.getLogger(__name__)
 
 RELEASE_WAIT_S = 15.0  # how long a new replica waits for a shut-down one's Ray resources to come back
+RAY_START_TRIES = 2  # an embedded Ray whose raylet never registered (Ray's 30 s wait; seen on a 2-core VM) gets a second start
 DEATH_WAIT_S = 2.0  # how long a failed call waits for the other ranks' calls to say whether one died
 
 
@@ -288,14 +290,36 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> str | None:
     if address is not None:
         ray.init(address=address, log_to_driver=True)
         return None
-    started = time.monotonic()
-    folder = tempfile.mkdtemp(prefix="lorafleet-ray-")
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-        _temp_dir=folder, configure_logging=False,
-    )
-    log.info("started an embedded Ray on 127.0.0.1 in %.1fs", time.monotonic() - started)
-    return folder
+    for attempt in range(1, RAY_START_TRIES + 1):
+        started = time.monotonic()
+        folder = tempfile.mkdtemp(prefix="lorafleet-ray-")
+        try:
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+                _temp_dir=folder, configure_logging=False,
+            )
+        except Exception as e:
+            ray.shutdown()
+            kill_processes_naming(folder)  # a failed start leaves its GCS and helpers running
+            shutil.rmtree(folder, ignore_errors=True)
+            if attempt == RAY_START_TRIES:
+                raise
+            log.warning("the embedded Ray did not start in %.0fs (%s); starting it again",
+                        time.monotonic() - started, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            continue
+        log.info("started an embedded Ray on 127.0.0.1 in %.1fs", time.monotonic() - started)
+        return folder
+
+
+def kill_processes_naming(folder: str) -> None:
+    """Kills the processes whose command line names `folder` (Linux /proc): those of an embedded Ray
+    that failed to start, which name its temp folder, and which nothing else would stop."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if folder.encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):  # gone meanwhile, or not ours to kill
+            continue
 
 
 def make_executor(cfg: WorkerConfig, tp: int = 1, ray_address: str | None = None):
