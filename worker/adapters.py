@@ -148,16 +148,10 @@ def check_folder(name: str, path: Path) -> dict:
     """What listing can check without reading the weights: the config, and each lora_A's rank in the
     safetensors header against the config's r (PEFT refuses a file that disagrees). Raises AdapterError."""
     config = read_config(name, path)
-    st = path / "adapter_model.safetensors"
-    if not st.is_file():
-        _read_file(name, path)  # raises with the reason (missing, or pickled)
+    raw, _ = _read_file(name, path, with_data=False)
     try:
-        with open(st, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(_MAX_HEADER, os.fstat(f.fileno()).st_size - 8):
-                raise ValueError(f"header length {n} does not fit the file")
-            header = json.loads(f.read(n))
-    except (ValueError, struct.error, OSError) as e:
+        header = json.loads(raw)
+    except ValueError as e:
         raise AdapterError(name, f"adapter_model.safetensors cannot be read ({e})") from e
     if not isinstance(header, dict):
         raise AdapterError(name, "adapter_model.safetensors has a header that is not a JSON object")
@@ -172,9 +166,10 @@ def check_folder(name: str, path: Path) -> dict:
     return config
 
 
-def _read_file(name: str, path: Path) -> tuple[bytes, torch.Tensor]:
+def _read_file(name: str, path: Path, with_data: bool = True) -> tuple[bytes, torch.Tensor | None]:
     """adapter_model.safetensors as the bytes of its JSON header and its data, read in one call into
-    one buffer (a few hundred get_tensor calls on an mmap cost several times more)."""
+    one buffer (a few hundred get_tensor calls on an mmap cost several times more); without
+    with_data, the header alone (data None)."""
     st = path / "adapter_model.safetensors"
     if not st.is_file():
         pickled = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
@@ -191,6 +186,8 @@ def _read_file(name: str, path: Path) -> tuple[bytes, torch.Tensor]:
             if n > min(_MAX_HEADER, size - 8):
                 raise ValueError(f"header length {n} does not fit the file of {size} bytes")
             header = f.read(n)
+            if not with_data:
+                return header, None
             data = torch.empty(size - 8 - n, dtype=torch.uint8)
             if data.numel() and f.readinto(memoryview(data.numpy())) != data.numel():
                 raise ValueError("the file ended early")
