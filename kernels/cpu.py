@@ -133,6 +133,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"lora_shrink_{suffix}").argtypes = [p, i, i, p, i, p, i, p, p, p, i, p, p, i, p, i, i, i]
         getattr(lib, f"lora_expand_{suffix}").argtypes = [p, i, p, p, p, i, i, p, i, p, i, p, p, p, i, p, p, p, i, i, i]
         getattr(lib, f"lora_shrink_{suffix}").restype = None
+        getattr(lib, f"lora_apply_{suffix}").argtypes = [p, p, i, p, i, p, i]
+        getattr(lib, f"lora_apply_{suffix}").restype = None
         getattr(lib, f"lora_expand_{suffix}").restype = None
         getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, i, p, i, p, p, p, p, i, i, i, i, ctypes.c_float, i]
         getattr(lib, f"paged_attention_{suffix}").restype = i
@@ -206,6 +208,8 @@ class GroupArgs:
     segments: Segments | None = None
     shrink_args: tuple = ()  # page_table .. num_targets of lora_shrink_*
     expand_args: tuple = ()  # page_table .. num_targets of lora_expand_*
+    apply_meta: torch.Tensor | None = None  # lora_apply_*'s packed arguments, for pools of rows apply_page_dim
+    apply_page_dim: int = 0
 
     def bind(self, table: torch.Tensor, seg: Segments) -> "GroupArgs":
         self.table, self.segments = table, seg
@@ -215,6 +219,17 @@ class GroupArgs:
         self.shrink_args = (*walk, self.a_offset.data_ptr(), self.rank.data_ptr(), num_targets)
         self.expand_args = (*walk, self.b_offset.data_ptr(), self.rank.data_ptr(), self.scale.data_ptr(), num_targets)
         return self
+
+    def pack(self, tokens: int, group, page_dim: int) -> None:
+        """lora_apply_*'s m (cpu_lora.c): the step's arguments of shrink and expand in one int64 array."""
+        table, seg = self.table, self.segments
+        self.apply_meta = torch.tensor([
+            tokens, group.in_dim, page_dim, table.data_ptr(), table.shape[1], seg.order.data_ptr(),
+            seg.start.data_ptr(), seg.adapter.data_ptr(), seg.adapter.numel(), self.a_offset.data_ptr(),
+            self.b_offset.data_ptr(), self.rank.data_ptr(), self.scale.data_ptr(), self.rank.shape[1],
+            group.max_rank, self.out_offset.data_ptr(), self.out_dim.data_ptr(), TILE_TOKENS,
+        ], dtype=torch.int64)
+        self.apply_page_dim = page_dim
 
 
 def _prepare(pool: torch.Tensor, batch, group) -> tuple[Segments, GroupArgs]:
@@ -254,6 +269,24 @@ def shrink(x: torch.Tensor, pool: torch.Tensor, batch, group) -> torch.Tensor:
     fn(x.data_ptr(), x.stride(0), group.in_dim, pool.data_ptr(), pool.shape[1], *args.shrink_args,
        s.data_ptr(), group.max_rank, TILE_TOKENS, torch.get_num_threads())
     return s
+
+
+def apply(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, batch, group) -> torch.Tensor:
+    """As kernels.lora.lora_apply, for CPU tensors (checked there): shrink and expand in one C call."""
+    _, args = _prepare(pool, batch, group)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if y.stride(1) != 1:
+        raise ValueError(f"lora_apply: y's columns must be adjacent (stride {y.stride(1)})")
+    if args.apply_meta is None:
+        args.pack(x.shape[0], group, pool.shape[1])
+    elif pool.shape[1] != args.apply_page_dim:
+        raise ValueError(f"lora_apply: a pool of {pool.shape[1]}-element pages, this step's earlier calls had "
+                         f"{args.apply_page_dim}")
+    fn = getattr(library(), f"lora_apply_{SUFFIX[y.dtype]}")
+    fn(args.apply_meta.data_ptr(), y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), pool.data_ptr(),
+       torch.get_num_threads())
+    return y
 
 
 def expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch, group) -> torch.Tensor:

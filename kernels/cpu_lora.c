@@ -91,7 +91,7 @@ static inline const void *flat_span(const void *pool, int64_t elem_bytes, const 
 /* Scratch buffers of the calling thread, kept from call to call and grown as needed (a few hundred KB
  * per thread at most): a fresh large allocation comes as new zeroed pages from the kernel every time,
  * which cost more than the products themselves. */
-enum { SCRATCH_GATHER, SCRATCH_PANEL, SCRATCH_ACC, SCRATCH_SLOTS };
+enum { SCRATCH_GATHER, SCRATCH_PANEL, SCRATCH_ACC, SCRATCH_APPLY, SCRATCH_SLOTS };
 
 static void *scratch(int slot, size_t bytes) {
     static _Thread_local struct { void *p; size_t bytes; } kept[SCRATCH_SLOTS];
@@ -980,6 +980,34 @@ DEFINE_BLOCKED(bf16, bf16)
 DEFINE_LORA(bf16, bf16)
 int lorafleet_amx_init(void) { return 0; }
 #endif
+
+/* Shrink, then expand, in one call: a group whose shrink output needs no collective before its expand
+ * (tensor parallelism 1; kernels/lora.py's lora_apply). Two ctypes calls of ~20 arguments each cost Python
+ * several microseconds per group and layer, next to kernels of 20-70 us in a decode step, so the step's
+ * fixed arguments come packed in m (kernels/cpu.py's GroupArgs.apply_meta, built once per step and group):
+ * m[0] tokens, in_dim, page_dim, page_table, max_pages, order, seg_start, seg_adapter, num_segs, a_offset,
+ * b_offset, rank, scale, num_targets, max_rank, out_offset, out_dim, m[17] tile_tokens (pointers as int64).
+ * s (tokens x num_targets x max_rank) is the calling thread's scratch, zeroed as lora_shrink's caller
+ * zeroes it. The results are those of the two ops called one after the other. */
+#define P(type, i) ((type)(intptr_t)m[i])
+#define DEFINE_APPLY(T, SUFFIX)                                                                                  \
+void lora_apply_##SUFFIX(const int64_t *m, T *y, int64_t y_stride, const T *x, int64_t x_stride, const T *pool,  \
+                         int64_t threads) {                                                                      \
+    const size_t s_bytes = sizeof(T) * (size_t)(m[0] * m[13] * m[14]);                                          \
+    T *s = scratch(SCRATCH_APPLY, s_bytes);                                                                      \
+    memset(s, 0, s_bytes);                                                                                       \
+    lora_shrink_##SUFFIX(x, x_stride, m[1], pool, m[2], P(const int64_t *, 3), m[4], P(const int64_t *, 5),      \
+                         P(const int64_t *, 6), P(const int64_t *, 7), m[8], P(const int64_t *, 9),              \
+                         P(const int64_t *, 11), m[13], s, m[14], m[17], threads);                               \
+    lora_expand_##SUFFIX(y, y_stride, P(const int64_t *, 15), P(const int64_t *, 16), s, m[14], 1, pool, m[2],   \
+                         P(const int64_t *, 3), m[4], P(const int64_t *, 5), P(const int64_t *, 6),              \
+                         P(const int64_t *, 7), m[8], P(const int64_t *, 10), P(const int64_t *, 11),            \
+                         P(const float *, 12), m[13], m[17], threads);                                           \
+}
+DEFINE_APPLY(float, f32)
+DEFINE_APPLY(f16, f16)
+DEFINE_APPLY(bf16, bf16)
+#undef P
 
 /* 1 when the bfloat16 kernels above use native dot products (kernels/cpu.py asks, the tests check). */
 int lorafleet_native_bf16(void) { return LORAFLEET_NATIVE_BF16; }

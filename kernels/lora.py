@@ -109,6 +109,23 @@ def lora_expand(y: torch.Tensor, s: torch.Tensor, pool: torch.Tensor, batch: Lor
     return _expand_reference(y, s, pool, batch, group)
 
 
+def lora_apply(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, batch: LoraBatch, group: LoraGroup) -> torch.Tensor:
+    """lora_expand(y, lora_shrink(x)) for a group whose shrink output needs no collective in between
+    (tensor parallelism 1, shards = 1). On the CPU it is one C call instead of two: about 5 us less Python
+    and ctypes per group and layer, next to kernels of 20-100 us in a step with many adapters.
+    y += deltas in place; returns y."""
+    _check(x, pool, batch, group)
+    _check(y, pool, batch, group)
+    if group.shards != 1:
+        raise ValueError(f"lora_apply: a group all-gathered over {group.shards} ranks needs lora_shrink, the "
+                         "collective, then lora_expand")
+    if y.shape[1] != sum(group.out_dims):
+        raise ValueError(f"lora_apply: y has {y.shape[1]} columns, the group's outputs sum to {sum(group.out_dims)}")
+    if not y.is_cuda and cpu.usable(y):
+        return cpu.apply(y, x, pool, batch, group)
+    return lora_expand(y, lora_shrink(x, pool, batch, group), pool, batch, group)
+
+
 def _check(t: torch.Tensor, pool: torch.Tensor, batch: LoraBatch, group: LoraGroup) -> None:
     if t.dim() != 2 or t.shape[0] != batch.token_adapter.shape[0]:
         raise ValueError(f"LoRA op: activations {tuple(t.shape)} do not match {batch.token_adapter.shape[0]} tokens")

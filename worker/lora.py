@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.lora import LoraBatch, lora_expand, lora_shrink
+from ..kernels.lora import LoraBatch, lora_apply, lora_expand, lora_shrink
 from .adapters import LoraWeights, target_shape
 from .comm import Comm
 from .config import ModelConfig
@@ -129,6 +129,9 @@ def add_column_lora(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lora: 
     if lora is None or group not in lora.groups:
         return
     meta = lora.groups[group]
+    if comm.size == 1:  # no collective between the two: one call
+        lora_apply(y, x, pool, lora, meta)
+        return
     s = comm.all_gather_last(lora_shrink(x, pool, lora, meta), kind="lora_all_gather")
     lora_expand(y, s, pool, lora, meta)
 
@@ -143,6 +146,9 @@ def row_parallel_output(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, lo
     """
     if lora is not None and group in lora.groups:
         meta = lora.groups[group]
+        if comm.size == 1:  # y is all of the output, and s needs no all-reduce: one call
+            lora_apply(y, x, pool, lora, meta)
+            return comm.all_reduce(y)
         s = comm.all_reduce(lora_shrink(x, pool, lora, meta), kind="lora_all_reduce")
         width = meta.out_dims[0]
         lora_expand(y[:, comm.rank * width:(comm.rank + 1) * width], s, pool, lora, meta)

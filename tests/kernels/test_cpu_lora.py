@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorafleet.kernels import cpu
-from lorafleet.kernels.lora import _expand_reference, _shrink_reference, lora_expand, lora_shrink
+from lorafleet.kernels.lora import _expand_reference, _shrink_reference, lora_apply, lora_expand, lora_shrink
 
 TOLERANCE = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
@@ -31,6 +31,11 @@ def assert_matches_reference(case, threads: int = 1) -> None:
         y = case.y.clone()
         assert cpu.expand(y, expected_s, case.pool, case.batch, case.group) is y
         torch.testing.assert_close(y, expected_y, **tol)
+        if case.group.shards == 1:  # tp = 1: shrink and expand in one C call, the same kernels in the same order
+            y_two = cpu.expand(case.y.clone(), s, case.pool, case.batch, case.group)
+            y_one = case.y.clone()
+            assert lora_apply(y_one, case.x, case.pool, case.batch, case.group) is y_one
+            assert torch.equal(y_one, y_two)
     finally:
         torch.set_num_threads(before)
 
@@ -172,6 +177,21 @@ def test_bfloat16_decode_segments_claimed_by_two_threads(make_lora_case, bf16_li
                           seed=9, runs=True)
     for _ in range(3):
         assert_matches_reference(case, threads=2)
+
+
+def test_one_call_refuses_what_needs_two(make_lora_case, lora_tokens):
+    """lora_apply is for groups with no collective between shrink and expand; its packed arguments hold
+    the page size of the step's first call."""
+    case = make_lora_case([[8, 8, 8], [4, 0, 2]], lora_tokens([(0, 4), (1, 3)]), seed=3, shards=2)
+    with pytest.raises(ValueError, match="all-gathered over 2 ranks"):
+        lora_apply(case.y, case.x, case.pool, case.batch, case.group)
+    case = make_lora_case([[8, 8, 8], [4, 0, 2]], lora_tokens([(0, 4), (1, 3)]), seed=3)
+    with pytest.raises(ValueError, match="outputs sum to"):
+        lora_apply(case.y[:, :-1], case.x, case.pool, case.batch, case.group)
+    lora_apply(case.y, case.x, case.pool, case.batch, case.group)
+    wider_pages = torch.zeros(case.pool.shape[0], case.pool.shape[1] + 8)
+    with pytest.raises(ValueError, match="earlier calls had"):
+        lora_apply(case.y, case.x, wider_pages, case.batch, case.group)
 
 
 def test_base_only_tokens_get_nothing(make_lora_case):
