@@ -26,8 +26,8 @@ MATMUL_MIN_TOKENS or more through torch's fused attention on gathered K and V); 
 times are CPU seconds of the process (time.process_time), which leave out the shared
 cores' other work.
 
-With --from-memory, a table times a decode step's q+k+v LoRA for 64 adapters (one token each) over
-30 layers' own pools, so that the weights come from memory as in the engine, with each adapter's
+With --from-memory, a table times a decode step's q+k+v LoRA for 64 adapters (one token each, or
+--decode-tokens each: sequences that share an adapter) over 30 layers' own pools, so that the weights come from memory as in the engine, with each adapter's
 pages in one run (as loading lays them out) and scattered.
 
 With --segments, a third table times one adapter's segment of n tokens (one run of a step sorted by
@@ -389,16 +389,17 @@ def in_runs(x, y, pool, batch, group):
 def from_memory_table(args, dtype: torch.dtype, layers: int = 30, adapters: int = 64) -> dict:
     """Prints the table; returns {placement: {"shrink": ms, "expand": ms}}.
 
-    A decode step's q+k+v LoRA as the engine runs it: one token for each of 64 adapters (ranks 8/16), in
+    A decode step's q+k+v LoRA as the engine runs it: one token (--decode-tokens) for each of 64 adapters (ranks 8/16), in
     each of 30 layers with its own pool, so the weights (what the step reads) come from memory, not
     cache; adapters in runs of pages (flat reads) and in scattered pages (walked page by page). Two
     bounds to read them against: the same in runs with one layer's pool for all 30 (4 MB, in cache),
     and the rate at which this machine streams memory (torch's sum of 512 MB, the same threads)."""
-    print(f"\ndecode: one token for each of {adapters} adapters (ranks 8/16), q+k+v, {layers} layers' own pools, {dtype}, "
+    per = args.decode_tokens
+    print(f"\ndecode: {per} token{'s' * (per != 1)} for each of {adapters} adapters (ranks 8/16), q+k+v, {layers} layers' own pools, {dtype}, "
           f"{torch.get_num_threads()} thread(s); ms per step (all layers), median of {args.repeats}")
     results = {}
     for placement in ("runs", "scattered", "in cache"):
-        steps = [build_step(adapters, adapters, seed=layer, dtype=dtype, ranks=(8, 16), shuffle=False)
+        steps = [build_step(adapters, adapters * per, seed=layer, dtype=dtype, ranks=(8, 16), shuffle=False)
                  for layer in range(1 if placement == "in cache" else layers)]
         if placement != "scattered":
             steps = [in_runs(*step) for step in steps] * (layers // len(steps))
@@ -462,7 +463,11 @@ def main() -> None:
                         help="also time one adapter's segment of n tokens: dot products against matrix products")
     parser.add_argument("--from-memory", action="store_true",
                         help="also time a decode step's LoRA over 30 layers' pools (weights from memory, not cache)")
+    parser.add_argument("--decode-tokens", type=int, default=1,
+                        help="--from-memory: tokens per adapter in the step (sequences sharing an adapter)")
     args = parser.parse_args()
+    if args.decode_tokens < 1 or args.decode_tokens >= cpu.TILE_TOKENS:
+        parser.error(f"--decode-tokens must be 1-{cpu.TILE_TOKENS - 1} (from {cpu.TILE_TOKENS} a segment is a prefill product)")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     lora, attention = {}, {}

@@ -454,6 +454,39 @@ static inline __m512i load_row_bf16(cursor *c, int64_t n) {
 #define TILE_ROWS 16 /* tokens per tile; also float32 columns per accumulator tile */
 #define TILE_K 32    /* bf16 elements of the reduction per tile product */
 
+/* Short segments whose A_g lies in one piece (a decode step's): `rows` rows of A_g (w, in_dim apart)
+ * against `nt` tokens' x, each 32-element piece of a row loaded once for every token, into
+ * ss[t][j .. j + rows). Always inlined with constant rows and nt, so the rows x nt sums stay in
+ * registers: with two tokens of one adapter in a step, a loop over the tokens read A_g twice, the
+ * second time from L2 (bench/kernels.py --decode-tokens 2). */
+static inline __attribute__((always_inline)) void dot_rows(const bf16 *w, int64_t in_dim, const bf16 *const *xs,
+                                                           bf16 *const *ss, int64_t j, const int nt, const int rows) {
+    __m512 acc[4][4];
+    for (int t = 0; t < nt; t++)
+        for (int q = 0; q < rows; q++) acc[t][q] = _mm512_setzero_ps();
+    for (int64_t col = 0; col < in_dim; col += 32) {
+        __m512bh xv[4];
+        for (int t = 0; t < nt; t++) xv[t] = (__m512bh)load_flat_bf16(xs[t] + col, in_dim - col);
+        for (int q = 0; q < rows; q++) {
+            /* the same line four rows on (past A_g, the next target's A or B, read next; a prefetch never
+             * faults): 5.1 -> 4.0 ms at 1 thread, 2.9 -> 2.4 at 2 */
+            __builtin_prefetch(w + (q + 4) * in_dim + col, 0, 3);
+            const __m512bh wq = (__m512bh)load_flat_bf16(w + q * in_dim + col, in_dim - col);
+            for (int t = 0; t < nt; t++) acc[t][q] = _mm512_dpbf16_ps(acc[t][q], xv[t], wq);
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        for (int q = 0; q < rows; q++) store_bf16(ss[t] + j + q, _mm512_reduce_add_ps(acc[t][q]));
+}
+
+/* All r rows of A_g at `a` for nt (1-4) tokens: four rows at a time, then one at a time. */
+static inline __attribute__((always_inline)) void shrink_flat(const bf16 *a, int64_t r, int64_t in_dim,
+                                                              const bf16 *const *xs, bf16 *const *ss, const int nt) {
+    int64_t j = 0;
+    for (; j + 4 <= r; j += 4) dot_rows(a + j * in_dim, in_dim, xs, ss, j, nt, 4);
+    for (; j < r; j++) dot_rows(a + j * in_dim, in_dim, xs, ss, j, nt, 1);
+}
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(LORAFLEET_NO_AMX)
 #define LORAFLEET_AMX 1
 #include <sys/syscall.h>
@@ -748,28 +781,22 @@ void lora_shrink_bf16(
         for (int64_t g = 0; g < num_targets; g++) {
             const int64_t r = rank[a * num_targets + g];
             if (r <= 0) continue;
-            const bf16 *flat = n < 4 ? flat_span(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
-                                                 a_offset[a * num_targets + g], r * in_dim) : NULL;
-            if (flat) { /* decode, A_g in one piece: four of its rows at a time, four sums on each load of x */
-                for (int64_t i = 0; i < n; i++) {
-                    const bf16 *xt = x + order[first + i] * x_stride;
-                    bf16 *st = s + (order[first + i] * num_targets + g) * max_rank;
-                    for (int64_t j = 0; j < r; j += 4) {
-                        const int rows = r - j < 4 ? (int)(r - j) : 4;
-                        const bf16 *w = flat + j * in_dim;
-                        __m512 acc[4];
-                        for (int q = 0; q < 4; q++) acc[q] = _mm512_setzero_ps();
-                        for (int64_t col = 0; col < in_dim; col += 32) {
-                            const __m512bh xv = (__m512bh)load_flat_bf16(xt + col, in_dim - col);
-                            for (int q = 0; q < rows; q++) {
-                                /* the same line of the next four rows (past A_g, the next target's A or B, read
-                                 * next; a prefetch never faults): 5.1 -> 4.0 ms at 1 thread, 2.9 -> 2.4 at 2 */
-                                __builtin_prefetch(w + (q + 4) * in_dim + col, 0, 3);
-                                const __m512i wq = load_flat_bf16(w + q * in_dim + col, in_dim - col);
-                                acc[q] = _mm512_dpbf16_ps(acc[q], xv, (__m512bh)wq);
-                            }
-                        }
-                        for (int q = 0; q < rows; q++) store_bf16(st + j + q, _mm512_reduce_add_ps(acc[q]));
+            const bf16 *flat = flat_span(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
+                                         a_offset[a * num_targets + g], r * in_dim);
+            if (flat) { /* A_g in one piece: each piece of its rows read once for up to four tokens */
+                for (int64_t i0 = 0; i0 < n; i0 += 4) {
+                    const int nt = n - i0 < 4 ? (int)(n - i0) : 4;
+                    const bf16 *xs[4];
+                    bf16 *ss[4];
+                    for (int t = 0; t < nt; t++) {
+                        xs[t] = x + order[first + i0 + t] * x_stride;
+                        ss[t] = s + (order[first + i0 + t] * num_targets + g) * max_rank;
+                    }
+                    switch (nt) { /* constant token counts: the sums stay in registers */
+                    case 1: shrink_flat(flat, r, in_dim, xs, ss, 1); break;
+                    case 2: shrink_flat(flat, r, in_dim, xs, ss, 2); break;
+                    case 3: shrink_flat(flat, r, in_dim, xs, ss, 3); break;
+                    default: shrink_flat(flat, r, in_dim, xs, ss, 4);
                     }
                 }
                 continue;
@@ -828,28 +855,38 @@ static inline void prefetch_span(const void *p, int64_t bytes) {
     for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch((const char *)p + at, 0, 3);
 }
 
-/* One token's expand over 6 blocks of 32 outputs from block b0 on (blocks past `out` read nothing), B^T
- * (width x out) at one address: the 12 accumulators stay in registers across every row pair, and go
- * to acc (the token's interleaved sums, as the loop below keeps them) at the end. */
+/* nt (1 or 2) tokens' expand over nb blocks of 32 outputs from block b0 on (blocks past `out` read
+ * nothing), B^T (width x out) at one address; token t's (v[c], v[c+1]) pairs at v + t * pairs. The
+ * 2 x nt x nb accumulators stay in registers across every row pair (always inlined with constant nt and
+ * nb: 1 x 6 or 2 x 3), and go to acc (token t's interleaved sums at acc + t * blocks * 32, as the loop
+ * below keeps them) at the end. Two tokens of one adapter share each load of B^T; the loop with its sums
+ * in memory took 2.5x as long per byte as one token's (bench/kernels.py --decode-tokens 2). */
 #define ONE_TOKEN_BLOCKS 6
-static inline void expand_one_token(const bf16 *bt, int64_t width, int64_t out, const uint32_t *v, int64_t b0,
-                                    float *acc) {
-    __m512 lo_acc[ONE_TOKEN_BLOCKS], hi_acc[ONE_TOKEN_BLOCKS];
-    for (int b = 0; b < ONE_TOKEN_BLOCKS; b++) lo_acc[b] = hi_acc[b] = _mm512_setzero_ps();
+static inline __attribute__((always_inline)) void expand_tokens(const bf16 *bt, int64_t width, int64_t out,
+                                                                const uint32_t *v, int64_t pairs, int64_t b0,
+                                                                int64_t blocks, float *acc, const int nt, const int nb) {
+    __m512 lo_acc[2][ONE_TOKEN_BLOCKS], hi_acc[2][ONE_TOKEN_BLOCKS];
+    for (int t = 0; t < nt; t++)
+        for (int b = 0; b < nb; b++) lo_acc[t][b] = hi_acc[t][b] = _mm512_setzero_ps();
     for (int64_t c = 0; c < width; c += 2) {
-        const __m512bh vv = (__m512bh)_mm512_set1_epi32((int32_t)v[c / 2]);
+        __m512bh vv[2];
+        for (int t = 0; t < nt; t++) vv[t] = (__m512bh)_mm512_set1_epi32((int32_t)v[t * pairs + c / 2]);
         const bf16 *r0 = bt + c * out, *r1 = r0 + out;
-        for (int b = 0; b < ONE_TOKEN_BLOCKS; b++) {
+        for (int b = 0; b < nb; b++) {
             const int64_t o = (b0 + b) * 32, len = out - o, len1 = c + 1 < width ? len : 0;
             const __m512i w0 = load_flat_bf16(r0 + o, len), w1 = load_flat_bf16(r1 + o, len1);
-            lo_acc[b] = _mm512_dpbf16_ps(lo_acc[b], (__m512bh)_mm512_unpacklo_epi16(w0, w1), vv);
-            hi_acc[b] = _mm512_dpbf16_ps(hi_acc[b], (__m512bh)_mm512_unpackhi_epi16(w0, w1), vv);
+            const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(w0, w1), hi = (__m512bh)_mm512_unpackhi_epi16(w0, w1);
+            for (int t = 0; t < nt; t++) {
+                lo_acc[t][b] = _mm512_dpbf16_ps(lo_acc[t][b], lo, vv[t]);
+                hi_acc[t][b] = _mm512_dpbf16_ps(hi_acc[t][b], hi, vv[t]);
+            }
         }
     }
-    for (int b = 0; b < ONE_TOKEN_BLOCKS && (b0 + b) * 32 < out; b++) {
-        _mm512_store_ps(acc + (b0 + b) * 32, lo_acc[b]);
-        _mm512_store_ps(acc + (b0 + b) * 32 + 16, hi_acc[b]);
-    }
+    for (int t = 0; t < nt; t++)
+        for (int b = 0; b < nb && (b0 + b) * 32 < out; b++) {
+            _mm512_store_ps(acc + (t * blocks + b0 + b) * 32, lo_acc[t][b]);
+            _mm512_store_ps(acc + (t * blocks + b0 + b) * 32 + 16, hi_acc[t][b]);
+        }
 }
 
 /* The next segment for the calling thread (segments past the last mean: none left). */
@@ -913,9 +950,9 @@ void lora_expand_bf16(
                         for (int64_t c = 0; c < r; c++) vi[j * r + c] = st[j * max_rank + c];
                     if (width % 2) vi[width] = 0;
                 }
-                if (flat && n == 1) { /* one token: its sums stay in registers, and overwrite acc */
+                if (flat) { /* one or two tokens at a time: their sums stay in registers, and overwrite acc */
                     /* ask now for all of the B^T expanded next: this adapter's next target, or the first of
-                     * this thread's next segment. One token reads too little of a target for the hardware
+                     * this thread's next segment. A decode step reads too little of a target for the hardware
                      * prefetcher to get going (bench/kernels.py --from-memory): 3.3 -> 2.5 ms at 1 thread; at
                      * 2, across segments (each thread's next one claimed ahead), 2.01 -> 1.69 ms */
                     int64_t a2 = a, g2 = g + 1;
@@ -929,21 +966,26 @@ void lora_expand_bf16(
                         prefetch_span(flat_span(pool, sizeof(bf16), page_table + a2 * max_pages, max_pages, page_dim,
                                                 b_offset[a2 * num_targets + g2], elems), elems * sizeof(bf16));
                     }
-                    for (int64_t b0 = 0; b0 < blocks; b0 += ONE_TOKEN_BLOCKS)
-                        expand_one_token(flat, width, out, v, b0, acc);
-                } else {
+                    int64_t t0 = 0;
+                    for (; t0 + 2 <= n; t0 += 2)
+                        for (int64_t b0 = 0; b0 < blocks; b0 += ONE_TOKEN_BLOCKS / 2)
+                            expand_tokens(flat, width, out, v + t0 * pairs, pairs, b0, blocks, acc + t0 * blocks * 32, 2,
+                                          ONE_TOKEN_BLOCKS / 2);
+                    if (t0 < n)
+                        for (int64_t b0 = 0; b0 < blocks; b0 += ONE_TOKEN_BLOCKS)
+                            expand_tokens(flat, width, out, v + t0 * pairs, pairs, b0, blocks, acc + t0 * blocks * 32, 1,
+                                          ONE_TOKEN_BLOCKS);
+                } else { /* B_g^T across pages: walked row by row, the tokens' sums in acc */
                     for (int64_t e = 0; e < n * blocks * 32; e += 16) _mm512_store_ps(acc + e, _mm512_setzero_ps());
                     cursor cur = cursor_at(pool, sizeof(bf16), page_table + a * max_pages, max_pages, page_dim,
                                            b_offset[a * num_targets + g]);
                     for (int64_t c = 0; c < width; c += 2) {
                         cursor next = cur; /* row c + 1 starts where row c ends */
-                        if (!flat) cursor_skip(&next, out);
+                        cursor_skip(&next, out);
                         for (int64_t b = 0; b < blocks; b++) {
                             const int64_t len = out - b * 32 < 32 ? out - b * 32 : 32, len1 = c + 1 < width ? len : 0;
-                            const __m512i w0 = flat ? load_flat_bf16(flat + c * out + b * 32, len)
-                                                    : load_row_bf16(&cur, len);
-                            const __m512i w1 = flat ? load_flat_bf16(flat + (c + 1) * out + b * 32, len1)
-                                                    : len1 ? load_row_bf16(&next, len) : _mm512_setzero_si512();
+                            const __m512i w0 = load_row_bf16(&cur, len);
+                            const __m512i w1 = len1 ? load_row_bf16(&next, len) : _mm512_setzero_si512();
                             const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(w0, w1);
                             const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(w0, w1);
                             for (int64_t i = 0; i < n; i++) {

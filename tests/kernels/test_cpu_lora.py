@@ -179,6 +179,21 @@ def test_bfloat16_decode_segments_claimed_by_two_threads(make_lora_case, bf16_li
         assert_matches_reference(case, threads=2)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_short_segments_in_one_piece_read_each_weight_once_for_their_tokens(make_lora_case, bf16_library,
+                                                                                      threads):
+    """Adapters in runs of pages with 1-7 tokens each, interleaved in the step (a decode step where several
+    sequences share an adapter): the shrink takes up to four tokens per pass over A_g, the expand two per
+    pass over B_g^T, their sums in registers; odd ranks and outputs that end inside a block of 32, or of 96."""
+    ranks = [[8, 16, 4], [3, 5, 0], [16, 16, 16], [0, 7, 1], [12, 8, 2], [5, 0, 9], [4, 4, 4]]
+    counts = [1, 2, 3, 4, 5, 6, 7]
+    tokens = [a for a, c in enumerate(counts) for _ in range(c)] + [-1, -1]
+    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(5)).tolist()
+    case = make_lora_case(ranks, [tokens[i] for i in order], in_dim=70, out_dims=(33, 231, 100), page_dim=17,
+                          dtype=torch.bfloat16, seed=12, runs=True)
+    assert_matches_reference(case, threads=threads)
+
+
 def test_one_call_refuses_what_needs_two(make_lora_case, lora_tokens):
     """lora_apply is for groups with no collective between shrink and expand; its packed arguments hold
     the page size of the step's first call."""
