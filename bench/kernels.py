@@ -27,8 +27,9 @@ times are CPU seconds of the process (time.process_time), which leave out the sh
 cores' other work.
 
 With --from-memory, a table times a decode step's q+k+v LoRA for 64 adapters (one token each, or
---decode-tokens each: sequences that share an adapter) over 30 layers' own pools, so that the weights come from memory as in the engine, with each adapter's
-pages in one run (as loading lays them out) and scattered.
+--decode-tokens each: sequences that share an adapter) over 30 layers' own pools, so that the
+weights come from memory as in the engine, with each adapter's pages in one run (as loading lays
+them out) and scattered.
 
 With --segments, a third table times one adapter's segment of n tokens (one run of a step sorted by
 adapter) through the four groups of a SmolLM2-135M layer, on the C kernels' dot products and on their
@@ -389,9 +390,10 @@ def in_runs(x, y, pool, batch, group):
 def from_memory_table(args, dtype: torch.dtype, layers: int = 30, adapters: int = 64) -> dict:
     """Prints the table; returns {placement: {"shrink": ms, "expand": ms}}.
 
-    A decode step's q+k+v LoRA as the engine runs it: one token (--decode-tokens) for each of 64 adapters (ranks 8/16), in
-    each of 30 layers with its own pool, so the weights (what the step reads) come from memory, not
-    cache; adapters in runs of pages (flat reads) and in scattered pages (walked page by page). Two
+    A decode step's q+k+v LoRA as the engine runs it: one token (or --decode-tokens) for each of 64
+    adapters (ranks 8/16), in each of 30 layers with its own pool, so the weights (what the step reads)
+    come from memory, not cache; adapters in runs of pages (flat reads) and in scattered pages (walked
+    page by page). Two
     bounds to read them against: the same in runs with one layer's pool for all 30 (4 MB, in cache),
     and the rate at which this machine streams memory (torch's sum of 512 MB, the same threads)."""
     per = args.decode_tokens

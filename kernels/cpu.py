@@ -133,9 +133,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, f"lora_shrink_{suffix}").argtypes = [p, i, i, p, i, p, i, p, p, p, i, p, p, i, p, i, i, i]
         getattr(lib, f"lora_expand_{suffix}").argtypes = [p, i, p, p, p, i, i, p, i, p, i, p, p, p, i, p, p, p, i, i, i]
         getattr(lib, f"lora_shrink_{suffix}").restype = None
+        getattr(lib, f"lora_expand_{suffix}").restype = None
         getattr(lib, f"lora_apply_{suffix}").argtypes = [p, p, i, p, i, p, i]
         getattr(lib, f"lora_apply_{suffix}").restype = None
-        getattr(lib, f"lora_expand_{suffix}").restype = None
         getattr(lib, f"paged_attention_{suffix}").argtypes = [p, i, p, i, p, i, i, p, i, p, p, p, p, i, i, i, i, ctypes.c_float, i]
         getattr(lib, f"paged_attention_{suffix}").restype = i
     for suffix in ("f32", "bf16"):  # built with AVX-512 (bf16: and native bfloat16 dot products)

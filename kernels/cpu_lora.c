@@ -88,8 +88,8 @@ static inline const void *flat_span(const void *pool, int64_t elem_bytes, const 
     return (const char *)pool + (table[p0] * page_dim + e % page_dim) * elem_bytes;
 }
 
-/* Scratch buffers of the calling thread, kept from call to call and grown as needed (a few hundred KB
- * per thread at most): a fresh large allocation comes as new zeroed pages from the kernel every time,
+/* Scratch buffers of the calling thread, kept from call to call and grown as needed (up to about a MB
+ * per thread): a fresh large allocation comes as new zeroed pages from the kernel every time,
  * which cost more than the products themselves. */
 enum { SCRATCH_GATHER, SCRATCH_PANEL, SCRATCH_ACC, SCRATCH_APPLY, SCRATCH_SLOTS };
 
@@ -860,7 +860,8 @@ static inline void prefetch_span(const void *p, int64_t bytes) {
  * 2 x nt x nb accumulators stay in registers across every row pair (always inlined with constant nt and
  * nb: 1 x 6 or 2 x 3), and go to acc (token t's interleaved sums at acc + t * blocks * 32, as the loop
  * below keeps them) at the end. Two tokens of one adapter share each load of B^T; the loop with its sums
- * in memory took 2.5x as long per byte as one token's (bench/kernels.py --decode-tokens 2). */
+ * in memory took 2.2-2.6x as long for two tokens as this one for one (bench/kernels.py --from-memory
+ * --decode-tokens 2 and 1). */
 #define ONE_TOKEN_BLOCKS 6
 static inline __attribute__((always_inline)) void expand_tokens(const bf16 *bt, int64_t width, int64_t out,
                                                                 const uint32_t *v, int64_t pairs, int64_t b0,
