@@ -393,9 +393,9 @@ def from_memory_table(args, dtype: torch.dtype, layers: int = 30, adapters: int 
     A decode step's q+k+v LoRA as the engine runs it: one token (or --decode-tokens) for each of 64
     adapters (ranks 8/16), in each of 30 layers with its own pool, so the weights (what the step reads)
     come from memory, not cache; adapters in runs of pages (flat reads) and in scattered pages (walked
-    page by page). Two
-    bounds to read them against: the same in runs with one layer's pool for all 30 (4 MB, in cache),
-    and the rate at which this machine streams memory (torch's sum of 512 MB, the same threads)."""
+    page by page). Two bounds to read them against: the same in runs with one layer's pool for all 30
+    (4 MB, in cache), and the rate at which this machine streams memory (torch's sum of 512 MB, the
+    same threads)."""
     per = args.decode_tokens
     print(f"\ndecode: {per} token{'s' * (per != 1)} for each of {adapters} adapters (ranks 8/16), q+k+v, {layers} layers' own pools, {dtype}, "
           f"{torch.get_num_threads()} thread(s); ms per step (all layers), median of {args.repeats}")
